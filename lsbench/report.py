@@ -1,0 +1,261 @@
+"""Tables from result rows: a per-run summary, the end-of-sweep table, and the LayerSkip blog's
+comparison table with honest labels. Works on DataFrames only (no torch).
+
+Tables keep raw numbers so that CSV stays machine-readable; `to_markdown` formats them for
+people, choosing the format from the column name.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import pandas as pd
+
+from lsbench.errors import LsbenchError
+
+EARLY_EXIT = ("layerskip", "hf-early-exit")
+DRAFT_MODEL = ("spec", "hf-assisted")
+GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculations", "dataset",
+              "do_sample", "run_id"]
+# Constant within a run; carried into the summary so that tables need not go back to the rows.
+CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
+SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
+MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s"]
+NONE = "—"
+
+
+def _group_keys(df: pd.DataFrame) -> list[str]:
+    return (["source_file"] if "source_file" in df.columns else []) + GROUP_KEYS
+
+
+def _numeric(g: pd.DataFrame, col: str) -> pd.Series:
+    if col not in g.columns:
+        return pd.Series(float("nan"), index=g.index)
+    return pd.to_numeric(g[col], errors="coerce").astype(float)
+
+
+def _list_total(value) -> int:
+    # Missing lists come back from Parquet/pandas as None, NaN or pd.NA.
+    if value is None or value is pd.NA or isinstance(value, float):
+        return 0
+    return int(sum(value))
+
+
+def _acceptance(g: pd.DataFrame) -> float:
+    """Accepted / drafted over all rounds of the run (mean of totals, so long generations weigh
+    more); the mean of per-row rates when the raw lists are absent."""
+    if {"accepted_per_round", "drafted_per_round"} <= set(g.columns):
+        drafted = sum(_list_total(v) for v in g["drafted_per_round"])
+        if drafted > 0:
+            return sum(_list_total(v) for v in g["accepted_per_round"]) / drafted
+    return float(_numeric(g, "acceptance_rate").mean())
+
+
+def _match_rate(g: pd.DataFrame) -> float:
+    if "matches_baseline" not in g.columns:
+        return float("nan")
+    return float(g["matches_baseline"].astype("boolean").fillna(False).mean())
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run. Columns: the group keys, CARRIED, n, `<m>_median/_p25/_p75` for
+    tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted),
+    mean_accepted_len, rougeL and match_rate (means), flops_prefill, flops_per_output_token and
+    prefill_s (medians). Each model/dataset block starts with its baseline."""
+    if df.empty:
+        raise LsbenchError("no rows to summarize")
+    keys = _group_keys(df)
+    missing = [k for k in [*keys, "is_baseline"] if k not in df.columns]
+    if missing:
+        raise LsbenchError(f"results lack columns: {', '.join(missing)}")
+    rows = df.assign(draft_model=df["draft_model"].fillna(""))
+    out = []
+    for key, g in rows.groupby(keys, sort=False, dropna=False):
+        rec = dict(zip(keys, key, strict=True))
+        for col in CARRIED:
+            rec[col] = g[col].iloc[0] if col in g.columns else pd.NA
+        rec["is_baseline"] = bool(g["is_baseline"].astype("boolean").fillna(False).any())
+        rec["n"] = len(g)
+        for col in SPREAD:
+            s = _numeric(g, col)
+            rec[f"{col}_median"] = s.median()
+            rec[f"{col}_p25"] = s.quantile(0.25)
+            rec[f"{col}_p75"] = s.quantile(0.75)
+        rec["acceptance_rate"] = _acceptance(g)
+        rec["mean_accepted_len"] = _numeric(g, "mean_accepted_len").mean()
+        rec["rougeL"] = _numeric(g, "rougeL").mean()
+        rec["match_rate"] = _match_rate(g)
+        for col in MEDIANS:
+            rec[col] = _numeric(g, col).median()
+        out.append(rec)
+    summary = pd.DataFrame(out)
+    order = [k for k in ("source_file", "model", "dataset") if k in keys]
+    order += ["_later", "strategy", "draft_model", "exit_layer", "num_speculations", "do_sample"]
+    summary["_later"] = ~summary["is_baseline"]
+    summary = summary.sort_values(order, kind="stable").drop(columns="_later")
+    return summary.reset_index(drop=True)
+
+
+def draft_label(strategy: str, draft_model: str, exit_layer: int) -> str:
+    """What drafts the tokens: the model's own early exit, a separate model, or nothing."""
+    if strategy in EARLY_EXIT:
+        return f"early exit @ layer {int(exit_layer)}"
+    if strategy in DRAFT_MODEL:
+        return draft_model or NONE
+    return NONE
+
+
+def _draft_labels(summary: pd.DataFrame) -> list[str]:
+    cols = (summary["strategy"], summary["draft_model"], summary["exit_layer"])
+    return [draft_label(*r) for r in zip(*cols, strict=True)]
+
+
+def loaded_params(summary: pd.DataFrame) -> pd.Series:
+    """Parameters held in memory: an early exit reuses the target's layers, a draft adds its own."""
+    extra = summary["draft_params"].fillna(0).where(summary["strategy"].isin(DRAFT_MODEL), 0)
+    return (summary["model_params"].fillna(0) + extra).astype("int64")
+
+
+def human_count(n: float) -> str:
+    """135M, 1.24B: parameter counts as people write them."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return NONE
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.3g}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return str(int(n))
+
+
+def _file_column(summary: pd.DataFrame) -> dict[str, pd.Series]:
+    return {"file": summary["source_file"]} if "source_file" in summary.columns else {}
+
+
+def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The end-of-sweep table: every run per model (baseline first, then each exit layer and k),
+    with `best` on the highest median speedup among the non-baseline runs of each model."""
+    s = summarize(df)
+    table = pd.DataFrame({
+        **_file_column(s),
+        "model": s["model"],
+        "dataset": s["dataset"],
+        "strategy": s["strategy"],
+        "draft": _draft_labels(s),
+        "exit layer": s["exit_layer"],
+        "k": s["num_speculations"],
+        "tokens/s": s["tokens_per_s_median"],
+        "speedup": s["speedup_median"],
+        "acceptance": s["acceptance_rate"],
+        "accepted len": s["mean_accepted_len"],
+        "ROUGE-L": s["rougeL"],
+        "lossless": s["match_rate"],
+    })
+    table["best"] = False
+    blocks = [k for k in ("source_file", "model", "dataset") if k in s.columns]
+    candidates = s[~s["is_baseline"] & s["speedup_median"].notna()]
+    for _, g in candidates.groupby(blocks, sort=False):
+        table.loc[g["speedup_median"].idxmax(), "best"] = True
+    return table
+
+
+def blog_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The LayerSkip blog's comparison table, labelled for what is measured: the blog's
+    "FLOPs/Input (G)" columns were times, here FLOPs and seconds are separate columns."""
+    s = summarize(df)
+    size = [
+        f"{int(e)} layers" if strategy in EARLY_EXIT
+        else human_count(p) if strategy in DRAFT_MODEL else NONE
+        for strategy, e, p in zip(s["strategy"], s["exit_layer"], s["draft_params"], strict=True)
+    ]
+    iqr = [
+        NONE if math.isnan(lo) else f"{lo:.2f}\N{EN DASH}{hi:.2f}"
+        for lo, hi in zip(s["speedup_p25"], s["speedup_p75"], strict=True)
+    ]
+    return pd.DataFrame({
+        **_file_column(s),
+        "target": s["model"],
+        # Not in the blog, but layerskip and hf-early-exit at the same E are different rows.
+        "strategy": s["strategy"],
+        "layers": s["model_num_layers"],
+        "draft": _draft_labels(s),
+        "draft size": size,
+        # Not in the blog either, but runs differ by the draft tokens per round.
+        "k": s["num_speculations"],
+        "task": s["dataset"],
+        "total params loaded": loaded_params(s),
+        "GFLOPs/input": s["flops_prefill"] / 1e9,
+        "s/input": s["prefill_s"],
+        "GFLOPs/output token": s["flops_per_output_token"] / 1e9,
+        "ms/output token": s["ms_per_token_median"],
+        "acceptance rate": s["acceptance_rate"],
+        "mean accepted length": s["mean_accepted_len"],
+        "ROUGE-L": s["rougeL"],
+        "speedup": s["speedup_median"],
+        "speedup IQR": iqr,
+    })
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _sig(value: float, digits: int = 3) -> str:
+    """`digits` significant digits without switching to exponent notation for large values."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    return f"{value:.{max(decimals, 0)}f}" if decimals > 0 else f"{round(value, decimals):.0f}"
+
+
+def format_cell(column: str, value) -> str:
+    """A cell for people; the column name says what the number is."""
+    name = column.lower()
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return NONE
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "✓" if value else ""
+    if not isinstance(value, Real):
+        return str(value).replace("|", "\\|")
+    if "params" in name:
+        return human_count(value)
+    if isinstance(value, Integral):
+        return str(value)
+    if "speedup" in name:
+        return f"{value:.2f}x"
+    if "gflops" in name:
+        return _sig(value)
+    if "flops" in name:
+        return f"{value:.3g}"
+    if name.startswith("ms") or "tokens/s" in name or "tokens_per_s" in name:
+        return f"{value:.2f}"
+    if "s/input" in name or "prefill_s" in name:
+        return _sig(value)
+    if "accepted_len" in name or "accepted len" in name:
+        return f"{value:.2f}"
+    if any(w in name for w in ("acceptance", "rouge", "match")):
+        return f"{value:.3f}"
+    return _sig(value, 4)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub pipe table, padded for terminals; numeric columns right-aligned."""
+    headers = [str(c) for c in table.columns]
+    cells = [[format_cell(c, v) for c, v in zip(headers, row, strict=True)]
+             for row in table.itertuples(index=False, name=None)]
+    right = [pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+             for c in table.columns]
+    widths = [max([3, len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        cols = zip(values, widths, right, strict=True)
+        padded = [v.rjust(w) if r else v.ljust(w) for v, w, r in cols]
+        return "| " + " | ".join(padded) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2)
+                         for w, r in zip(widths, right, strict=True)) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells]) + "\n"
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    """Raw values, full precision: for spreadsheets and scripts, not for reading."""
+    return table.to_csv(index=False, lineterminator="\n")

@@ -1,0 +1,99 @@
+"""The results schema: one row per (example, run, repeat). The single source of truth for
+column names, types and meanings; README's schema table is generated from it."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# (name, arrow type, meaning)
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    # identity of the run
+    ("run_id", pa.string(), "stable hash of everything that defines the run (resume key)"),
+    ("sweep_name", pa.string(), "name of the sweep or compare job"),
+    ("sweep_file", pa.string(), "sweep file the run came from, empty when none"),
+    ("strategy", pa.string(), "ar | spec | layerskip | hf-ar | hf-assisted | hf-early-exit"),
+    ("is_baseline", pa.bool_(), "true for the autoregressive baseline of this job"),
+    ("model", pa.string(), "target model as given (embedded name, hub id, directory, .gguf)"),
+    ("model_revision", pa.string(), "hub commit or revision when known"),
+    ("model_num_layers", pa.int64(), "decoder layers L of the target"),
+    ("model_params", pa.int64(), "parameters of the target"),
+    ("draft_model", pa.string(), "draft model for spec/hf-assisted, empty otherwise"),
+    ("draft_num_layers", pa.int64(), "decoder layers of the draft model (0 when none)"),
+    ("draft_params", pa.int64(), "parameters of the draft model (0 when none)"),
+    ("exit_layer", pa.int64(), "early-exit layer E for layerskip/hf-early-exit, 0 otherwise"),
+    ("num_speculations", pa.int64(), "draft tokens per round k, 0 for autoregressive"),
+    ("dataset", pa.string(), "dataset name"),
+    ("dataset_split", pa.string(), "split (hub datasets)"),
+    ("dataset_fingerprint", pa.string(), "hash of the selected examples' text"),
+    ("example_id", pa.string(), "stable id of the example within the dataset"),
+    ("example_index", pa.int64(), "position of the example in the selection"),
+    ("repeat", pa.int64(), "repeat number, 0-based (warm-up runs are never stored)"),
+    ("do_sample", pa.bool_(), "false: greedy; true: sampling"),
+    ("temperature", pa.float64(), "sampling temperature"),
+    ("top_k", pa.int64(), "top-k filter, 0 off"),
+    ("top_p", pa.float64(), "nucleus filter, 1.0 off"),
+    ("seed", pa.int64(), "seed of the sampler"),
+    ("max_new_tokens", pa.int64(), "generation budget"),
+    ("prompt_format", pa.string(), "chat-template or 'Article: ...\\nSummary:'"),
+    ("max_input_tokens", pa.int64(), "article token budget before truncation"),
+    ("prompt_tokens", pa.int64(), "tokens in the prompt"),
+    ("article_truncated", pa.bool_(), "whether the article was cut to max_input_tokens"),
+    # raw measurements
+    ("output_ids", pa.list_(pa.int64()), "generated token ids"),
+    ("output_text", pa.string(), "generated text"),
+    ("new_tokens", pa.int64(), "generated tokens"),
+    ("decode_tokens", pa.int64(), "tokens emitted after the first (the first comes from prefill)"),
+    ("prefill_s", pa.float64(), "seconds from start to the first new token"),
+    ("decode_s", pa.float64(), "seconds from the first new token to the last"),
+    ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("rounds", pa.int64(), "verification rounds (decode steps for autoregressive)"),
+    ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
+    ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),
+    ("accept_hist", pa.list_(pa.int64()), "rounds with i accepted drafts, i = 0..k"),
+    ("layer_tokens_prefill", pa.list_(pa.int64()), "per target layer: tokens evaluated in prefill"),
+    ("layer_tokens_decode", pa.list_(pa.int64()), "per target layer: tokens evaluated in decode"),
+    ("attn_pairs_prefill", pa.list_(pa.int64()), "per target layer: query-key pairs in prefill"),
+    ("attn_pairs_decode", pa.list_(pa.int64()), "per target layer: query-key pairs in decode"),
+    ("head_tokens_prefill", pa.int64(), "tokens through final norm + LM head in prefill"),
+    ("head_tokens_decode", pa.int64(), "tokens through final norm + LM head in decode"),
+    ("draft_layer_tokens_decode", pa.list_(pa.int64()), "per draft-model layer: decode tokens"),
+    ("draft_head_tokens_decode", pa.int64(), "draft-model LM head tokens in decode"),
+    # derived
+    ("tokens_per_s", pa.float64(), "decode_tokens / decode_s"),
+    ("e2e_tokens_per_s", pa.float64(), "new_tokens / total_s (prefill included)"),
+    ("ms_per_token", pa.float64(), "1000 * decode_s / decode_tokens"),
+    ("acceptance_rate", pa.float64(), "accepted drafts / drafted tokens (NaN without drafts)"),
+    ("mean_accepted_len", pa.float64(), "tokens emitted per round incl. the bonus; 1.0 for AR"),
+    ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),
+    ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + draft"),
+    ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens"),
+    ("peak_mem_bytes", pa.int64(), "peak accelerator memory allocated, or peak RSS on CPU"),
+    ("peak_mem_reserved_bytes", pa.int64(), "peak accelerator memory reserved (0 on CPU)"),
+    ("rouge1", pa.float64(), "ROUGE-1 F1 vs the reference (stemmed), NaN without reference"),
+    ("rouge2", pa.float64(), "ROUGE-2 F1 vs the reference, NaN without reference"),
+    ("rougeL", pa.float64(), "ROUGE-L F1 vs the reference, NaN without reference"),
+    ("baseline_ms_per_token", pa.float64(), "ms_per_token of the baseline on the same example"),
+    ("speedup", pa.float64(), "baseline_ms_per_token / ms_per_token"),
+    ("matches_baseline", pa.bool_(), "output identical to the baseline's (meaningful for greedy)"),
+    # metadata
+    ("lsbench_version", pa.string(), "lsbench version"),
+    ("git_commit", pa.string(), "lsbench git commit when available"),
+    ("torch_version", pa.string(), "torch version"),
+    ("transformers_version", pa.string(), "transformers version"),
+    ("device", pa.string(), "torch device"),
+    ("device_name", pa.string(), "GPU or CPU model name"),
+    ("dtype", pa.string(), "weights dtype"),
+    ("threads", pa.int64(), "torch intra-op threads"),
+    ("timestamp", pa.string(), "UTC time the row was measured, ISO 8601"),
+]
+
+ARROW_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in COLUMNS])
+COLUMN_NAMES = [name for name, _, _ in COLUMNS]
+
+
+def markdown_table() -> str:
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{n}` | {t} | {d} |" for n, t, d in COLUMNS]
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""Frozen job specifications: a sweep file plus command-line overrides become a `JobSpec`,
+a list of runs measured on the same examples. Nothing here loads a model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lsbench.data import DatasetSpec
+from lsbench.errors import LsbenchError
+from lsbench.strategies import DecodingConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration measured on every example: a strategy and its knobs."""
+
+    strategy: str
+    exit_layer: int = 0
+    num_speculations: int = 0
+    draft_model: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.strategy in ("ar", "hf-ar"):
+            return self.strategy
+        if self.draft_model:
+            return f"{self.strategy} draft={self.draft_model} k={self.num_speculations}"
+        return f"{self.strategy} E={self.exit_layer} k={self.num_speculations}"
+
+
+BASELINE = RunSpec("ar")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that defines a measurement job; `runs[0]` is the autoregressive baseline."""
+
+    name: str
+    model: str
+    dataset: DatasetSpec
+    decoding: DecodingConfig
+    runs: tuple[RunSpec, ...]
+    revision: str | None = None
+    max_input_tokens: int = 512
+    repeats: int = 1
+    warmup: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    sweep_file: str = ""
+
+    def run_id(self, run: RunSpec) -> str:
+        """Stable hash of what makes a measurement comparable (resume key)."""
+        key = {"model": self.model, "revision": self.revision, "dataset": asdict(self.dataset),
+               "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
+               "dtype": self.dtype, "device": self.device, "run": asdict(run)}
+        blob = json.dumps(key, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_int_list(text: str | int | list, *, num_layers: int | None = None,
+                   what: str = "exit layers") -> list[int]:
+    """'4,8,12', '4:28:4' (stop included), 'all' (1..num_layers) or a TOML list."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):
+        return [int(x) for x in text]
+    values: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if part == "all":
+                if num_layers is None:
+                    raise LsbenchError(f"'all' {what} needs the model's layer count")
+                values += list(range(1, num_layers + 1))
+            elif ":" in part:
+                bits = [int(b) for b in part.split(":")]
+                if len(bits) not in (2, 3) or (len(bits) == 3 and bits[2] < 1):
+                    raise ValueError
+                start, stop, step = bits[0], bits[1], bits[2] if len(bits) == 3 else 1
+                values += list(range(start, stop + 1, step))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise LsbenchError(f"cannot parse {what} '{text}': use a list like 4,8,12, a range "
+                               "start:stop:step (stop included) or 'all'") from None
+    if not values:
+        raise LsbenchError(f"no {what} given")
+    return sorted(set(values), key=values.index)
+
+
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LsbenchError(f"sweep file not found: {path}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LsbenchError(f"sweep file {path} is not valid TOML: {exc}") from None
+
+
+_SECTIONS = {
+    "": {"name", "model", "revision", "dtype", "device", "data", "decoding", "sweep", "compare"},
+    "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
+    "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
+    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
+    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference"},
+}
+
+
+def _check_keys(raw: dict, source: str) -> None:
+    for section, allowed in _SECTIONS.items():
+        table = raw if not section else raw.get(section, {})
+        if not isinstance(table, dict):
+            raise LsbenchError(f"{source}: [{section}] must be a table")
+        unknown = set(table) - allowed
+        if unknown:
+            where = f"[{section}]" if section else "top level"
+            raise LsbenchError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} in {where}; "
+                               f"allowed: {', '.join(sorted(allowed))}")
+
+
+@dataclass
+class Settings:
+    """Merged sweep-file values and command-line overrides, before layer counts are known."""
+
+    raw: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> Settings:
+        if path is None:
+            return cls({}, "")
+        raw = load_sweep_file(path)
+        _check_keys(raw, str(path))
+        return cls(raw, str(path))
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        table = self.raw if not section else self.raw.get(section, {})
+        return table.get(key, default)
+
+    def override(self, section: str, key: str, value: Any) -> None:
+        if value is None:
+            return
+        table = self.raw if not section else self.raw.setdefault(section, {})
+        table[key] = value
+
+
+def dataset_spec(s: Settings) -> DatasetSpec:
+    return DatasetSpec(name=s.get("data", "dataset", "lee-news"),
+                       split=s.get("data", "split", "test"), revision=s.get("data", "revision"),
+                       limit=int(s.get("data", "limit", 8)),
+                       seed=int(s.get("data", "seed", 0)), data_files=s.get("data", "data_files"))
+
+
+def decoding_config(s: Settings) -> DecodingConfig:
+    cfg = DecodingConfig(
+        max_new_tokens=int(s.get("decoding", "max_new_tokens", 64)),
+        do_sample=bool(s.get("decoding", "sample", False)),
+        temperature=float(s.get("decoding", "temperature", 1.0)),
+        top_k=int(s.get("decoding", "top_k", 0)), top_p=float(s.get("decoding", "top_p", 1.0)),
+        seed=int(s.get("decoding", "seed", 0)),
+    )
+    if cfg.max_new_tokens < 1:
+        raise LsbenchError("max_new_tokens must be >= 1")
+    if cfg.do_sample and cfg.temperature <= 0:
+        raise LsbenchError("temperature must be > 0 when sampling")
+    if not 0 < cfg.top_p <= 1:
+        raise LsbenchError("top_p must be in (0, 1]")
+    return cfg
+
+
+def _base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
+    model = s.get("", "model")
+    if not model:
+        raise LsbenchError("no model given: pass --model or set model in the sweep file")
+    repeats, warmup = int(s.get(section, "repeats", 1)), int(s.get(section, "warmup", 1))
+    if repeats < 1 or warmup < 0:
+        raise LsbenchError("repeats must be >= 1 and warmup >= 0")
+    name = s.get("", "name") or (Path(s.source).stem if s.source else "sweep")
+    return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
+                   runs=tuple(runs), revision=s.get("", "revision"),
+                   max_input_tokens=int(s.get("data", "max_input_tokens", 512)),
+                   repeats=repeats, warmup=warmup, dtype=s.get("", "dtype", "auto"),
+                   device=s.get("", "device", "auto"), sweep_file=s.source)
+
+
+def _speculations(s: Settings, section: str, default: list[int]) -> list[int]:
+    ks = parse_int_list(s.get(section, "num_speculations", default), what="num_speculations")
+    if any(k < 1 for k in ks):
+        raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
+    return ks
+
+
+def check_exit_layers(layers: list[int], num_layers: int, model: str) -> None:
+    bad = [e for e in layers if not 1 <= e <= num_layers]
+    if bad:
+        raise LsbenchError(f"exit layer(s) {', '.join(map(str, bad))} out of range: {model} has "
+                           f"{num_layers} layers, choose 1..{num_layers}")
+
+
+def sweep_job(s: Settings, num_layers: int) -> JobSpec:
+    """The exit-layer sweep: baseline + every (strategy, exit layer, k)."""
+    layers = parse_int_list(s.get("sweep", "exit_layers", "all"), num_layers=num_layers)
+    check_exit_layers(layers, num_layers, s.get("", "model"))
+    strategies = s.get("sweep", "strategies", ["layerskip"])
+    for name in strategies:
+        if name not in ("layerskip", "hf-early-exit"):
+            raise LsbenchError(f"sweep strategy '{name}' is not an early-exit strategy; "
+                               "choose layerskip and/or hf-early-exit")
+    runs = [BASELINE] + [RunSpec(name, e, k) for name in strategies for e in layers
+                         for k in _speculations(s, "sweep", [4])]
+    return _base_job(s, runs, "sweep")
+
+
+def compare_job(s: Settings, num_layers: int) -> JobSpec:
+    """Draft models against early exit: baseline + spec per draft + layerskip per layer."""
+    drafts = list(s.get("compare", "drafts", []))
+    layers = parse_int_list(s.get("compare", "early_exit", []) or [], num_layers=num_layers) \
+        if s.get("compare", "early_exit") else []
+    check_exit_layers(layers, num_layers, s.get("", "model"))
+    if not drafts and not layers:
+        raise LsbenchError("nothing to compare: give --draft and/or --early-exit")
+    ks = _speculations(s, "compare", [4])
+    hf = bool(s.get("compare", "hf_reference", False))
+    runs = [BASELINE]
+    for k in ks:
+        runs += [RunSpec("spec", 0, k, d) for d in drafts]
+        runs += [RunSpec("layerskip", e, k) for e in layers]
+        if hf:
+            runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
+            runs += [RunSpec("hf-early-exit", e, k) for e in layers]
+    return _base_job(s, runs, "compare")
+
+
+

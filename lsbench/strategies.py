@@ -1,0 +1,452 @@
+"""Decoding strategies. Read top to bottom: sampling, prefill, the autoregressive loop, the
+speculative loop with its two drafters (a separate draft model; the model's own early exit
+sharing one KV cache), then the `model.generate` references.
+
+Every strategy returns a `Generation`: raw facts only (tokens, seconds, per-round counts,
+layer-token evaluations). Derived metrics are computed elsewhere from these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+
+from lsbench.errors import LsbenchError
+from lsbench.models import EarlyExitModel, EvalCounts, attended_pairs, crop_cache
+
+STRATEGIES = ("ar", "spec", "layerskip", "hf-ar", "hf-assisted", "hf-early-exit")
+NEEDS_DRAFT = ("spec", "hf-assisted")
+NEEDS_EXIT = ("layerskip", "hf-early-exit")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation did, as measured. Rounds are verification rounds."""
+
+    tokens: list[int]
+    prefill_s: float  # prompt processing up to the first new token
+    decode_s: float  # everything after the first new token
+    decode_tokens: int  # tokens emitted after the first one
+    drafted: list[int] = field(default_factory=list)  # per round
+    accepted: list[int] = field(default_factory=list)  # per round
+    prefill_counts: EvalCounts | None = None
+    decode_counts: EvalCounts | None = None
+    draft_prefill_counts: EvalCounts | None = None
+    draft_decode_counts: EvalCounts | None = None
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels so that a timer reads finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+class Sampler:
+    """Greedy argmax or temperature/top-k/top-p sampling from a seeded generator."""
+
+    def __init__(self, cfg: DecodingConfig, device: torch.device):
+        self.cfg = cfg
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.cfg.do_sample
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution actually sampled from (warped); 1-D over the vocabulary."""
+        logits = logits / max(self.cfg.temperature, 1e-5)
+        if self.cfg.top_k > 0:
+            kth = torch.topk(logits, min(self.cfg.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.cfg.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.cfg.top_p  # keep the first over top_p
+            logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        return logits.softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator, device=self.generator.device))
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """Next token and, when sampling, the distribution it was drawn from."""
+        if self.greedy:
+            return int(logits.argmax()), None
+        probs = self.probs(logits)
+        return self.draw(probs), probs
+
+
+# --- prefill and autoregressive decoding ----------------------------------------------------
+
+def prefill(model: EarlyExitModel, prompt: torch.Tensor, cache) -> torch.Tensor:
+    """All layers over the prompt; logits of its last position only."""
+    hidden = model.run_layers(model.embed(prompt), cache, 0, model.num_layers)
+    return model.logits(hidden[:, -1:])[0, -1]
+
+
+def _prompt_tensor(model: EarlyExitModel, prompt_ids: list[int]) -> torch.Tensor:
+    if not prompt_ids:
+        raise LsbenchError("empty prompt")
+    return torch.tensor([prompt_ids], device=model.device)
+
+
+@torch.inference_mode()
+def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig) -> Generation:
+    sampler = Sampler(cfg, model.device)
+    cache = model.new_cache()
+    counts0 = model.counts.copy()
+    sync(model.device)
+    t0 = time.perf_counter()
+    token, _ = sampler.pick(prefill(model, _prompt_tensor(model, prompt_ids), cache))
+    sync(model.device)
+    t1 = time.perf_counter()
+    counts1 = model.counts.copy()
+    out = [token]
+    while len(out) < cfg.max_new_tokens and token not in cfg.stop_token_ids:
+        ids = torch.tensor([[token]], device=model.device)
+        hidden = model.run_layers(model.embed(ids), cache, 0, model.num_layers)
+        token, _ = sampler.pick(model.logits(hidden)[0, -1])
+        out.append(token)
+    sync(model.device)
+    t2 = time.perf_counter()
+    return Generation(out, t1 - t0, t2 - t1, len(out) - 1,
+                      prefill_counts=counts1.minus(counts0),
+                      decode_counts=model.counts.minus(counts1))
+
+
+# --- speculative decoding: one propose/verify loop, two drafters ----------------------------
+#
+# Cache invariant between rounds: every layer of the target cache holds exactly the committed
+# tokens except the last one, which is the pending input of the next round.
+
+class SelfSpeculator:
+    """LayerSkip drafter: layers [0, E) + LM head draft; layers [E, L) verify.
+
+    Drafting writes the shallow layers' KV into the shared cache and keeps each drafted
+    token's hidden state after layer E-1 (the exit hidden-state cache), so verification runs
+    only the deep layers for drafted tokens.
+    """
+
+    def __init__(self, model: EarlyExitModel, cache, exit_layer: int):
+        self.model, self.cache, self.exit_layer = model, cache, exit_layer
+        self.exit_hidden: list[torch.Tensor] = []
+        self.exit_logits: list[torch.Tensor] = []
+        self.final_hidden: torch.Tensor | None = None
+
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Nothing to do: the drafter is the target's own first layers."""
+
+    def draft(self, committed: list[int], k: int, sampler: Sampler):
+        m, e = self.model, self.exit_layer
+        self.exit_hidden, self.exit_logits = [], []
+        tokens, probs, token = [], [], committed[-1]
+        for _ in range(k):
+            hidden = m.run_layers(m.embed(self._ids(token)), self.cache, 0, e)
+            logits = m.logits(hidden)[0, -1]
+            self.exit_hidden.append(hidden)
+            self.exit_logits.append(logits)
+            token, q = sampler.pick(logits)
+            tokens.append(token)
+            probs.append(q)
+        return tokens, probs
+
+    def verify(self, committed: list[int], drafts: list[int]) -> None:
+        m, e = self.model, self.exit_layer
+        last = drafts[-1] if drafts else committed[-1]
+        # Only the newest token still needs its shallow pass; the rest come from the cache.
+        shallow = m.run_layers(m.embed(self._ids(last)), self.cache, 0, e)
+        hidden = torch.cat([*self.exit_hidden, shallow], dim=1)
+        self.final_hidden = m.run_layers(hidden, self.cache, e, m.num_layers)
+
+    def target_logits(self, i: int) -> torch.Tensor:
+        if self.exit_layer == self.model.num_layers and i < len(self.exit_logits):
+            return self.exit_logits[i]  # exiting at the last layer is the full model
+        return self.model.logits(self.final_hidden[:, i : i + 1])[0, -1]
+
+    def rollback(self, cached_len: int) -> None:
+        crop_cache(self.cache, cached_len)
+
+    def _ids(self, token: int) -> torch.Tensor:
+        return torch.tensor([[token]], device=self.model.device)
+
+
+class DraftModelSpeculator:
+    """Classic two-model speculative decoding; the draft model keeps its own cache."""
+
+    def __init__(self, model: EarlyExitModel, cache, draft: EarlyExitModel):
+        self.model, self.cache, self.draft_model = model, cache, draft
+        self.draft_cache = draft.new_cache()
+        self.final_hidden: torch.Tensor | None = None
+
+    def prefill(self, prompt: torch.Tensor) -> None:
+        d = self.draft_model
+        d.run_layers(d.embed(prompt.to(d.device)), self.draft_cache, 0, d.num_layers)
+
+    def draft(self, committed: list[int], k: int, sampler: Sampler):
+        d = self.draft_model
+        # Feed what the draft has not seen yet: the pending token, and after a fully accepted
+        # round also the last draft, whose KV the draft model never computed.
+        new = committed[self.draft_cache.get_seq_length(0):]
+        tokens, probs = [], []
+        for _ in range(k):
+            ids = torch.tensor([new], device=d.device)
+            hidden = d.run_layers(d.embed(ids), self.draft_cache, 0, d.num_layers)
+            token, q = sampler.pick(d.logits(hidden[:, -1:])[0, -1].to(self.model.device))
+            tokens.append(token)
+            probs.append(q)
+            new = [token]
+        return tokens, probs
+
+    def verify(self, committed: list[int], drafts: list[int]) -> None:
+        m = self.model
+        ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
+        self.final_hidden = m.run_layers(m.embed(ids), self.cache, 0, m.num_layers)
+
+    def target_logits(self, i: int) -> torch.Tensor:
+        return self.model.logits(self.final_hidden[:, i : i + 1])[0, -1]
+
+    def rollback(self, cached_len: int) -> None:
+        crop_cache(self.cache, cached_len)
+        crop_cache(self.draft_cache, cached_len)
+
+
+def accept(drafts: list[int], draft_probs: list, target_logits: Callable[[int], torch.Tensor],
+           sampler: Sampler) -> tuple[int, int]:
+    """(accepted drafts, next token). Target logits are computed lazily: positions after the
+    first rejection never pay for their LM head."""
+    for i, token in enumerate(drafts):
+        logits = target_logits(i)
+        if sampler.greedy:
+            best = int(logits.argmax())
+            if best != token:
+                return i, best
+            continue
+        p, q = sampler.probs(logits), draft_probs[i]
+        # Standard speculative rejection rule: accept with min(1, p/q), else resample from
+        # norm(max(0, p - q)); the output is distributed exactly as the target's.
+        if sampler.uniform() * float(q[token]) < float(p[token]):
+            continue
+        residual = (p - q).clamp_min(0)
+        return i, sampler.draw(residual / residual.sum() if residual.sum() > 0 else p)
+    token, _ = sampler.pick(target_logits(len(drafts)))
+    return len(drafts), token
+
+
+@torch.inference_mode()
+def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, k: int,
+                         *, exit_layer: int | None = None, draft: EarlyExitModel | None = None,
+                         on_round: Callable[[object, list[int]], None] | None = None) -> Generation:
+    """`layerskip` when exit_layer is given, `spec` when a draft model is given."""
+    if k < 1:
+        raise LsbenchError(f"number of speculations must be >= 1, got {k}")
+    sampler = Sampler(cfg, model.device)
+    cache = model.new_cache()
+    if draft is not None:
+        check_draft(model, draft)
+        speculator = DraftModelSpeculator(model, cache, draft)
+    else:
+        check_exit_layer(model, exit_layer)
+        speculator = SelfSpeculator(model, cache, exit_layer)
+    drafter_counts = draft.counts if draft is not None else None
+    c0, d0 = model.counts.copy(), drafter_counts.copy() if drafter_counts else None
+
+    sync(model.device)
+    t0 = time.perf_counter()
+    prompt = _prompt_tensor(model, prompt_ids)
+    token, _ = sampler.pick(prefill(model, prompt, cache))
+    speculator.prefill(prompt)
+    sync(model.device)
+    t1 = time.perf_counter()
+    c1, d1 = model.counts.copy(), drafter_counts.copy() if drafter_counts else None
+
+    committed = [*prompt_ids, token]
+    out, drafted, accepted = [token], [], []
+    while len(out) < cfg.max_new_tokens and out[-1] not in cfg.stop_token_ids:
+        budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
+        drafts, probs = speculator.draft(committed, budget, sampler)
+        speculator.verify(committed, drafts)
+        n_ok, token = accept(drafts, probs, speculator.target_logits, sampler)
+        new = [*drafts[:n_ok], token]
+        for j, t in enumerate(new):  # stop at the first stop token
+            if t in cfg.stop_token_ids:
+                new = new[: j + 1]
+                break
+        committed += new
+        out += new
+        drafted.append(len(drafts))
+        accepted.append(n_ok)
+        speculator.rollback(len(committed) - 1)
+        if on_round is not None:
+            on_round(cache, committed)
+    sync(model.device)
+    t2 = time.perf_counter()
+    return Generation(
+        out, t1 - t0, t2 - t1, len(out) - 1, drafted, accepted,
+        prefill_counts=c1.minus(c0), decode_counts=model.counts.minus(c1),
+        draft_prefill_counts=d1.minus(d0) if d0 else None,
+        draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
+    )
+
+
+def check_exit_layer(model: EarlyExitModel, exit_layer: int | None) -> None:
+    if exit_layer is None or not 1 <= exit_layer <= model.num_layers:
+        raise LsbenchError(f"exit layer {exit_layer} out of range: the model has "
+                           f"{model.num_layers} layers, choose 1..{model.num_layers}")
+
+
+def check_draft(model: EarlyExitModel, draft: EarlyExitModel) -> None:
+    if draft.vocab_size != model.vocab_size:
+        raise LsbenchError(
+            f"draft model vocabulary ({draft.vocab_size} tokens) differs from the target's "
+            f"({model.vocab_size}); speculative decoding needs one tokenizer")
+
+
+# --- transformers' own generate(), for reference --------------------------------------------
+
+class _FirstTokenClock(BaseStreamer):
+    """Marks the moment generate() hands out its first new token(s), and the work done by then,
+    so that prefill and decode are split the same way as in lsbench's own loops."""
+
+    def __init__(self, device, models: list[EarlyExitModel]):
+        self.device, self.models, self.calls = device, models, 0
+        self.first_at: float | None = None
+        self.first_count = 0
+        self.counts_at_first: list[EvalCounts] = []
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # call 1 is the prompt
+            sync(self.device)
+            self.first_at = time.perf_counter()
+            self.first_count = int(value.numel())
+            self.counts_at_first = [m.counts.copy() for m in self.models]
+
+    def end(self) -> None:
+        pass
+
+
+class CountingHooks:
+    """Counts layer-token evaluations of an unmodified transformers model via forward hooks."""
+
+    def __init__(self, model: EarlyExitModel):
+        self.model = model
+        self.handles = []
+
+    def __enter__(self) -> CountingHooks:
+        m, counts = self.model, self.model.counts
+        for i, layer in enumerate(m.backbone.layers):
+            def pre(_mod, args, kwargs, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                pos = kwargs.get("position_ids")
+                n = hidden.shape[1]
+                start = int(pos[0, 0]) if pos is not None else 0
+                counts.layer_tokens[i] += n
+                counts.layer_calls[i] += 1
+                counts.attn_pairs[i] += attended_pairs(start, n, m.windows[i])
+            self.handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+
+        def head(_mod, args):
+            counts.head_tokens += args[0].shape[1]
+
+        def embed(_mod, args):
+            counts.embed_tokens += args[0].shape[1]
+        self.handles.append(m.model.lm_head.register_forward_pre_hook(head))
+        self.handles.append(m.backbone.embed_tokens.register_forward_pre_hook(embed))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
+                *, k: int = 4, exit_layer: int | None = None,
+                draft: EarlyExitModel | None = None) -> Generation:
+    """`hf-ar`, `hf-assisted` or `hf-early-exit` through model.generate()."""
+    extra: dict = {}
+    early_exit = None
+    if strategy == "hf-assisted":
+        if draft is None:
+            raise LsbenchError("hf-assisted needs a draft model")
+        check_draft(model, draft)
+        extra["assistant_model"] = draft.model
+    elif strategy == "hf-early-exit":
+        check_exit_layer(model, exit_layer)
+        early_exit = exit_layer
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else None,
+        top_k=cfg.top_k if cfg.do_sample and cfg.top_k > 0 else None,
+        top_p=cfg.top_p if cfg.do_sample and cfg.top_p < 1.0 else None,
+        eos_token_id=list(cfg.stop_token_ids) or None,
+        pad_token_id=cfg.stop_token_ids[0] if cfg.stop_token_ids else 0,
+        # Pin the assistant: k tokens every round, no adaptive schedule or early stop.
+        num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
+    )
+    prompt = _prompt_tensor(model, prompt_ids)
+    models = [model] if draft is None else [model, draft]
+    clock = _FirstTokenClock(model.device, models)
+    torch.manual_seed(cfg.seed)
+    start = [m.counts.copy() for m in models]
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(CountingHooks(m))
+        sync(model.device)
+        t0 = time.perf_counter()
+        output = model.model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                      generation_config=gen_cfg, streamer=clock, **extra)
+        sync(model.device)
+        t2 = time.perf_counter()
+    tokens = output[0, prompt.shape[1]:].tolist()
+    t1 = clock.first_at or t2
+    first = clock.counts_at_first or [m.counts.copy() for m in models]
+    prefill_counts = [f.minus(s) for f, s in zip(first, start, strict=True)]
+    decode_counts = [m.counts.minus(f) for m, f in zip(models, first, strict=True)]
+    return Generation(
+        tokens, t1 - t0, t2 - t1, max(len(tokens) - clock.first_count, 0),
+        prefill_counts=prefill_counts[0], decode_counts=decode_counts[0],
+        draft_prefill_counts=prefill_counts[1] if draft else None,
+        draft_decode_counts=decode_counts[1] if draft else None,
+    )
+
+
+def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
+             k: int = 4, exit_layer: int | None = None,
+             draft: EarlyExitModel | None = None) -> Generation:
+    """Run one strategy by name."""
+    if strategy == "ar":
+        return generate_ar(model, prompt_ids, cfg)
+    if strategy == "layerskip":
+        return generate_speculative(model, prompt_ids, cfg, k, exit_layer=exit_layer)
+    if strategy == "spec":
+        if draft is None:
+            raise LsbenchError("strategy 'spec' needs a draft model")
+        return generate_speculative(model, prompt_ids, cfg, k, draft=draft)
+    if strategy.startswith("hf-"):
+        return generate_hf(model, prompt_ids, cfg, strategy, k=k, exit_layer=exit_layer,
+                           draft=draft)
+    raise LsbenchError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")

@@ -1,0 +1,93 @@
+"""Plots on synthetic result rows: files written, panels per model/file, missing data skipped."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from lsbench.errors import LsbenchError
+from lsbench.plots import compare_figures, plot_compare, plot_sweep, sweep_figures
+from tests.test_report import MODELS, make_results
+
+SWEEP_FILES = ["tokens_per_s_vs_exit_layer", "speedup_vs_exit_layer",
+               "acceptance_rate_vs_exit_layer"]
+MAGIC = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}
+
+
+def _axes(fig):
+    # Only the data panels: no colorbars or insets are drawn.
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_sweep_writes_three_non_empty_files_in_the_format(tmp_path, fmt):
+    paths = plot_sweep(make_results(models=MODELS[:1]), tmp_path / "plots", fmt=fmt)
+    assert [p.name for p in paths] == [f"{stem}.{fmt}" for stem in SWEEP_FILES]
+    for path in paths:
+        assert path.read_bytes().startswith(MAGIC[fmt])
+
+
+def test_one_model_draws_one_panel_with_baseline_and_a_line_per_k():
+    figures = sweep_figures(make_results(models=MODELS[:1]))
+    assert list(figures) == SWEEP_FILES
+    (ax,) = _axes(figures["tokens_per_s_vs_exit_layer"])
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["autoregressive", "k=2", "k=4"]
+    assert "tiny-a" in ax.get_title() and "lee-news" in ax.get_title()
+    assert ax.get_xlabel() == "exit layer E (of 8)"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    (speed,) = _axes(figures["speedup_vs_exit_layer"])
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in speed.get_lines())
+
+
+def test_two_models_are_side_by_side_with_a_shared_y_axis():
+    figures = sweep_figures(make_results())
+    for fig in figures.values():
+        left, right = _axes(fig)
+        assert left.get_shared_y_axes().joined(left, right)
+        assert "tiny-a" in left.get_title() and "tiny-b" in right.get_title()
+
+
+def test_two_result_files_of_one_model_are_side_by_side():
+    normal = make_results(models=MODELS[:1]).assign(source_file="normal.parquet")
+    layerskip = make_results(models=MODELS[:1]).assign(source_file="layerskip.parquet")
+    fig = sweep_figures(pd.concat([normal, layerskip]))["speedup_vs_exit_layer"]
+    titles = [ax.get_title() for ax in _axes(fig)]
+    assert len(titles) == 2
+    assert "layerskip.parquet" in titles[0] and "normal.parquet" in titles[1]
+
+
+def test_without_early_exit_runs_the_sweep_is_skipped_but_compare_works(tmp_path):
+    df = make_results(exits=())
+    assert plot_sweep(df, tmp_path) == []
+    paths = plot_compare(df, tmp_path, fmt="svg")
+    assert [p.name for p in paths] == ["speedup_by_draft.svg", "tokens_per_s_vs_params.svg"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_compare_bars_per_draft_option_and_params_scatter(tmp_path):
+    figures = compare_figures(make_results(models=MODELS[:1]))
+    (bars,) = _axes(figures["speedup_by_draft"])
+    ticks = [t.get_text() for t in bars.get_xticklabels()]
+    assert ticks[0] == "early exit @ layer 2, k=2" and ticks[-1] == "draft-135m, k=4"
+    assert len(bars.patches) == 7  # 6 early-exit options + the draft model, no baseline bar
+    (scatter,) = _axes(figures["tokens_per_s_vs_params"])
+    notes = [t.get_text() for t in scatter.texts]
+    assert notes[0] == "autoregressive" and len(notes) == 8
+    paths = plot_compare(make_results(), tmp_path)
+    assert all(p.read_bytes().startswith(MAGIC["png"]) for p in paths)
+
+
+def test_baseline_only_skips_the_speedup_bars():
+    figures = compare_figures(make_results(exits=(), spec=False))
+    assert list(figures) == ["tokens_per_s_vs_params"]
+
+
+def test_bad_format_and_empty_input_are_user_errors(tmp_path):
+    df = make_results(models=MODELS[:1])
+    with pytest.raises(LsbenchError, match="format"):
+        plot_sweep(df, tmp_path, fmt="jpg")
+    with pytest.raises(LsbenchError, match="no rows to plot"):
+        plot_compare(df.iloc[:0], tmp_path)
+    with pytest.raises(LsbenchError, match="no rows to plot"):
+        plot_sweep(df.iloc[:0], tmp_path)
