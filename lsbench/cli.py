@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,15 +31,15 @@ from lsbench.errors import LsbenchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark early-exit self-speculative decoding (LayerSkip) against "
                        "autoregressive and two-model speculative decoding.")
-err = Console(stderr=True)
-# Tables are wide; when stdout is not a terminal rich would wrap them at 80 columns.
+# Tables are wide; when a stream is not a terminal rich would wrap them at 80 columns.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 out = Console(width=None if sys.stdout.isatty() else 120)
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_ERROR)
 
 
@@ -49,7 +50,7 @@ def _guarded(body: Callable[[], None], out_path: Path | None = None) -> None:
     except LsbenchError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
-        where = f" in {out_path}" if out_path else ""
+        where = f" in {escape(str(out_path))}" if out_path else ""
         err.print(f"[yellow]interrupted:[/] completed measurements are saved{where}; "
                   "rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -88,6 +89,7 @@ MaxInput = Annotated[int | None, typer.Option(help="Article token budget; longer
                      "are truncated.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results file "
                 "(default results/<name>.parquet).")]
+Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
 Force = Annotated[bool, typer.Option(help="Redo runs already in the results file.")]
 
 
@@ -120,8 +122,9 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     path = out_path or Path("results") / f"{job.name}.parquet"
     store = ResultStore(path)
     _quiet_libraries()
-    err.print(f"[bold]{title}[/] {job.model} ({num_layers} layers) on {job.dataset.name} "
-              f"x{job.dataset.limit}: {len(job.runs)} runs, baseline first -> {path}")
+    err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
+              f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
+              f"baseline first -> {escape(str(path))}", highlight=False)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=err, transient=False) as progress:
@@ -129,15 +132,16 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
 
         def on_progress(event) -> None:
             progress.update(task, total=event.total or None, completed=event.done,
-                            description=f"{event.phase}: {event.detail}")
+                            description=escape(f"{event.phase}: {event.detail}"
+                                               if event.phase != "done" else "done"))
 
         try:
             outcome = run_job(job, store, force=force, on_progress=on_progress)
         except KeyboardInterrupt:
             progress.stop()
             raise
-        progress.update(task, description="done")
-    err.print(f"measured {outcome.measured} generations, {outcome.skipped} already in {path}")
+    err.print(f"measured {outcome.measured} generations, {outcome.skipped} already in "
+              f"{escape(str(path))}", highlight=False)
     df = store.rows()
     df = df[df.run_id.isin({job.run_id(r) for r in job.runs})]
     _print_sweep_table(df)
@@ -159,15 +163,20 @@ def _print_sweep_table(df) -> None:
             if row["strategy"].startswith("hf-") and row["strategy"] != "hf-ar":
                 label = f"{label} (transformers)"
             cells = [label, "—" if row["strategy"] == "ar" else str(row["k"])]
-            cells += [format_cell(c, row[c]) for c in cols[2:]]
+            cells += [format_cell(c, row[c]) for c in cols[2:-1]]
+            match = row["lossless"]
+            cells.append("—" if match != match else "yes" if match == 1 else f"{match:.0%}")
             style = "bold green" if row["best"] else ("cyan" if row["strategy"] == "ar" else None)
             t.add_row(*cells, style=style)
         out.print(t)
         best = rows[rows["best"]]
         if len(best):
             b = best.iloc[0]
-            out.print(f"best: {b['draft']}, k={b['k']}: {format_cell('speedup', b['speedup'])} "
-                      "the autoregressive speed")
+            verdict = ("faster than" if b["speedup"] > 1 else
+                       "every setting is slower than")
+            out.print(f"best: {escape(b['draft'])}, k={b['k']} at "
+                      f"{format_cell('speedup', b['speedup'])}: {verdict} autoregressive decoding",
+                      highlight=False)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -185,7 +194,8 @@ def sweep(
     max_new_tokens: MaxNew = None, repeats: Repeats = None, warmup: Warmup = None,
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
-    max_input_tokens: MaxInput = None, out: Out = None, force: Force = False,
+    max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
+    force: Force = False,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -200,7 +210,8 @@ def sweep(
             ("sweep", "warmup"): warmup, ("decoding", "max_new_tokens"): max_new_tokens,
             ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
-            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device})
+            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
+            ("", "threads"): threads})
         _measure(sweep_job, s, out, force, "sweep")
 
     _guarded(body, out)
@@ -223,7 +234,7 @@ def compare(
     repeats: Repeats = None, warmup: Warmup = None, sample: Sample = None,
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
-    out: Out = None, force: Force = False,
+    threads: Threads = None, out: Out = None, force: Force = False,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.spec import compare_job
@@ -239,7 +250,8 @@ def compare(
             ("compare", "warmup"): warmup, ("decoding", "max_new_tokens"): max_new_tokens,
             ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
-            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device})
+            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
+            ("", "threads"): threads})
         if not s.get("", "name"):
             s.override("", "name", "compare")
         _measure(compare_job, s, out, force, "compare")

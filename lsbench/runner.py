@@ -127,6 +127,8 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
     """Measure every (repeat, example, run) not already in `store`."""
     emit = on_progress or (lambda _event: None)
     validate(job)
+    if job.threads:
+        torch.set_num_threads(job.threads)
     run_ids = [job.run_id(r) for r in job.runs]
     if force:
         store.drop_runs(set(run_ids))
@@ -169,6 +171,7 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
         store.append([row])
         done += 1
         emit(ProgressEvent("measure", done, total, what))
+    emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(len(pending), total - len(pending))
 
 

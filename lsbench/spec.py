@@ -12,6 +12,7 @@ from typing import Any
 
 from lsbench.data import DatasetSpec
 from lsbench.errors import LsbenchError
+from lsbench.models import resolve_device, resolve_dtype
 from lsbench.strategies import DecodingConfig
 
 if sys.version_info >= (3, 11):
@@ -57,10 +58,14 @@ class JobSpec:
     dtype: str = "auto"
     device: str = "auto"
     sweep_file: str = ""
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
 
     def run_id(self, run: RunSpec) -> str:
         """Stable hash of what makes a measurement comparable (resume key)."""
-        key = {"model": self.model, "revision": self.revision, "dataset": asdict(self.dataset),
+        # The limit is left out: selections are prefix-stable and rows are keyed by example id,
+        # so raising --limit measures only the new examples.
+        dataset = {k: v for k, v in asdict(self.dataset).items() if k != "limit"}
+        key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
                "dtype": self.dtype, "device": self.device, "run": asdict(run)}
         blob = json.dumps(key, sort_keys=True, default=str).encode()
@@ -70,10 +75,14 @@ class JobSpec:
 def parse_int_list(text: str | int | list, *, num_layers: int | None = None,
                    what: str = "exit layers") -> list[int]:
     """'4,8,12', '4:28:4' (stop included), 'all' (1..num_layers) or a TOML list."""
+    if isinstance(text, bool):
+        raise LsbenchError(f"{what} must be integers, got {text!r}")
     if isinstance(text, int):
         return [text]
     if isinstance(text, list):
-        return [int(x) for x in text]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in text):
+            raise LsbenchError(f"{what} must be a list of integers, got {text!r}")
+        return list(dict.fromkeys(text))
     values: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         if not part:
@@ -110,7 +119,8 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 
 
 _SECTIONS = {
-    "": {"name", "model", "revision", "dtype", "device", "data", "decoding", "sweep", "compare"},
+    "": {"name", "model", "revision", "dtype", "device", "threads", "data", "decoding", "sweep",
+         "compare"},
     "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
     "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
     "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
@@ -149,6 +159,22 @@ class Settings:
         table = self.raw if not section else self.raw.get(section, {})
         return table.get(key, default)
 
+    def typed(self, section: str, key: str, kind: type, default: Any = None) -> Any:
+        """A value of the expected TOML type, else one clear error naming the key."""
+        value = self.get(section, key, default)
+        if value is None:
+            return None
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if kind is list and isinstance(value, str):
+            value, ok = [value], True  # a single name where a list is expected
+        if not ok:
+            where = f"[{section}] {key}" if section else key
+            raise LsbenchError(f"{self.source or 'options'}: {where} must be of type "
+                               f"{kind.__name__}, got {value!r}")
+        return value
+
     def override(self, section: str, key: str, value: Any) -> None:
         if value is None:
             return
@@ -157,19 +183,23 @@ class Settings:
 
 
 def dataset_spec(s: Settings) -> DatasetSpec:
-    return DatasetSpec(name=s.get("data", "dataset", "lee-news"),
-                       split=s.get("data", "split", "test"), revision=s.get("data", "revision"),
-                       limit=int(s.get("data", "limit", 8)),
-                       seed=int(s.get("data", "seed", 0)), data_files=s.get("data", "data_files"))
+    spec = DatasetSpec(name=s.typed("data", "dataset", str, "lee-news"),
+                       split=s.typed("data", "split", str, "test"),
+                       revision=s.typed("data", "revision", str),
+                       limit=s.typed("data", "limit", int, 8), seed=s.typed("data", "seed", int, 0),
+                       data_files=s.typed("data", "data_files", str))
+    if spec.limit < 1:
+        raise LsbenchError(f"limit must be >= 1, got {spec.limit}")
+    return spec
 
 
 def decoding_config(s: Settings) -> DecodingConfig:
     cfg = DecodingConfig(
-        max_new_tokens=int(s.get("decoding", "max_new_tokens", 64)),
-        do_sample=bool(s.get("decoding", "sample", False)),
-        temperature=float(s.get("decoding", "temperature", 1.0)),
-        top_k=int(s.get("decoding", "top_k", 0)), top_p=float(s.get("decoding", "top_p", 1.0)),
-        seed=int(s.get("decoding", "seed", 0)),
+        max_new_tokens=s.typed("decoding", "max_new_tokens", int, 64),
+        do_sample=s.typed("decoding", "sample", bool, False),
+        temperature=s.typed("decoding", "temperature", float, 1.0),
+        top_k=s.typed("decoding", "top_k", int, 0), top_p=s.typed("decoding", "top_p", float, 1.0),
+        seed=s.typed("decoding", "seed", int, 0),
     )
     if cfg.max_new_tokens < 1:
         raise LsbenchError("max_new_tokens must be >= 1")
@@ -177,22 +207,32 @@ def decoding_config(s: Settings) -> DecodingConfig:
         raise LsbenchError("temperature must be > 0 when sampling")
     if not 0 < cfg.top_p <= 1:
         raise LsbenchError("top_p must be in (0, 1]")
+    if cfg.top_k < 0:
+        raise LsbenchError("top_k must be >= 0 (0 turns it off)")
     return cfg
 
 
 def _base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
-    model = s.get("", "model")
+    model = s.typed("", "model", str)
     if not model:
         raise LsbenchError("no model given: pass --model or set model in the sweep file")
-    repeats, warmup = int(s.get(section, "repeats", 1)), int(s.get(section, "warmup", 1))
+    repeats, warmup = s.typed(section, "repeats", int, 1), s.typed(section, "warmup", int, 1)
     if repeats < 1 or warmup < 0:
         raise LsbenchError("repeats must be >= 1 and warmup >= 0")
-    name = s.get("", "name") or (Path(s.source).stem if s.source else "sweep")
+    max_input_tokens = s.typed("data", "max_input_tokens", int, 512)
+    if max_input_tokens < 1:
+        raise LsbenchError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+    # Resolve "auto" now: the run id must name the device and dtype actually measured.
+    device = resolve_device(s.typed("", "device", str, "auto"))
+    dtype = str(resolve_dtype(s.typed("", "dtype", str, "auto"), device)).replace("torch.", "")
+    threads = s.typed("", "threads", int)
+    if threads is not None and threads < 1:
+        raise LsbenchError(f"threads must be >= 1, got {threads}")
+    name = s.typed("", "name", str) or (Path(s.source).stem if s.source else "sweep")
     return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
-                   runs=tuple(runs), revision=s.get("", "revision"),
-                   max_input_tokens=int(s.get("data", "max_input_tokens", 512)),
-                   repeats=repeats, warmup=warmup, dtype=s.get("", "dtype", "auto"),
-                   device=s.get("", "device", "auto"), sweep_file=s.source)
+                   runs=tuple(runs), revision=s.typed("", "revision", str),
+                   max_input_tokens=max_input_tokens, repeats=repeats, warmup=warmup,
+                   dtype=dtype, device=device, sweep_file=s.source, threads=threads)
 
 
 def _speculations(s: Settings, section: str, default: list[int]) -> list[int]:
@@ -213,7 +253,7 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
     """The exit-layer sweep: baseline + every (strategy, exit layer, k)."""
     layers = parse_int_list(s.get("sweep", "exit_layers", "all"), num_layers=num_layers)
     check_exit_layers(layers, num_layers, s.get("", "model"))
-    strategies = s.get("sweep", "strategies", ["layerskip"])
+    strategies = s.typed("sweep", "strategies", list, ["layerskip"])
     for name in strategies:
         if name not in ("layerskip", "hf-early-exit"):
             raise LsbenchError(f"sweep strategy '{name}' is not an early-exit strategy; "
@@ -225,14 +265,16 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
     """Draft models against early exit: baseline + spec per draft + layerskip per layer."""
-    drafts = list(s.get("compare", "drafts", []))
+    drafts = s.typed("compare", "drafts", list, [])
+    if not all(isinstance(d, str) and d for d in drafts):
+        raise LsbenchError(f"drafts must be model names, got {drafts!r}")
     layers = parse_int_list(s.get("compare", "early_exit", []) or [], num_layers=num_layers) \
         if s.get("compare", "early_exit") else []
     check_exit_layers(layers, num_layers, s.get("", "model"))
     if not drafts and not layers:
         raise LsbenchError("nothing to compare: give --draft and/or --early-exit")
     ks = _speculations(s, "compare", [4])
-    hf = bool(s.get("compare", "hf_reference", False))
+    hf = s.typed("compare", "hf_reference", bool, False)
     runs = [BASELINE]
     for k in ks:
         runs += [RunSpec("spec", 0, k, d) for d in drafts]
