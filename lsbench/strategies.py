@@ -153,7 +153,6 @@ class SelfSpeculator:
         self.model, self.cache, self.exit_layer = model, cache, exit_layer
         self.exit_hidden: list[torch.Tensor] = []
         self.exit_logits: list[torch.Tensor] = []
-        self.final_hidden: torch.Tensor | None = None
 
     def prefill(self, prompt: torch.Tensor) -> None:
         """Nothing to do: the drafter is the target's own first layers."""
@@ -172,18 +171,16 @@ class SelfSpeculator:
             probs.append(q)
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> None:
+    def verify(self, committed: list[int], drafts: list[int]) -> torch.Tensor:
+        """Full-model logits at the pending token and every draft: [len(drafts) + 1, vocab]."""
         m, e = self.model, self.exit_layer
         last = drafts[-1] if drafts else committed[-1]
         # Only the newest token still needs its shallow pass; the rest come from the cache.
         shallow = m.run_layers(m.embed(self._ids(last)), self.cache, 0, e)
+        if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
+            return torch.stack([*self.exit_logits, m.logits(shallow)[0, -1]])
         hidden = torch.cat([*self.exit_hidden, shallow], dim=1)
-        self.final_hidden = m.run_layers(hidden, self.cache, e, m.num_layers)
-
-    def target_logits(self, i: int) -> torch.Tensor:
-        if self.exit_layer == self.model.num_layers and i < len(self.exit_logits):
-            return self.exit_logits[i]  # exiting at the last layer is the full model
-        return self.model.logits(self.final_hidden[:, i : i + 1])[0, -1]
+        return m.logits(m.run_layers(hidden, self.cache, e, m.num_layers))[0]
 
     def rollback(self, cached_len: int) -> None:
         crop_cache(self.cache, cached_len)
@@ -198,7 +195,6 @@ class DraftModelSpeculator:
     def __init__(self, model: EarlyExitModel, cache, draft: EarlyExitModel):
         self.model, self.cache, self.draft_model = model, cache, draft
         self.draft_cache = draft.new_cache()
-        self.final_hidden: torch.Tensor | None = None
 
     def prefill(self, prompt: torch.Tensor) -> None:
         d = self.draft_model
@@ -219,39 +215,35 @@ class DraftModelSpeculator:
             new = [token]
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> None:
+    def verify(self, committed: list[int], drafts: list[int]) -> torch.Tensor:
+        """Full-model logits at the pending token and every draft: [len(drafts) + 1, vocab]."""
         m = self.model
         ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
-        self.final_hidden = m.run_layers(m.embed(ids), self.cache, 0, m.num_layers)
-
-    def target_logits(self, i: int) -> torch.Tensor:
-        return self.model.logits(self.final_hidden[:, i : i + 1])[0, -1]
+        return m.logits(m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))[0]
 
     def rollback(self, cached_len: int) -> None:
         crop_cache(self.cache, cached_len)
         crop_cache(self.draft_cache, cached_len)
 
 
-def accept(drafts: list[int], draft_probs: list, target_logits: Callable[[int], torch.Tensor],
+def accept(drafts: list[int], draft_probs: list, target_logits: torch.Tensor,
            sampler: Sampler) -> tuple[int, int]:
-    """(accepted drafts, next token). Target logits are computed lazily: positions after the
-    first rejection never pay for their LM head."""
+    """(accepted drafts, next token) from the full model's logits at each drafted position."""
+    if sampler.greedy:
+        best = target_logits.argmax(-1).tolist()
+        for i, token in enumerate(drafts):
+            if best[i] != token:
+                return i, best[i]
+        return len(drafts), best[len(drafts)]
     for i, token in enumerate(drafts):
-        logits = target_logits(i)
-        if sampler.greedy:
-            best = int(logits.argmax())
-            if best != token:
-                return i, best
-            continue
-        p, q = sampler.probs(logits), draft_probs[i]
+        p, q = sampler.probs(target_logits[i]), draft_probs[i]
         # Standard speculative rejection rule: accept with min(1, p/q), else resample from
         # norm(max(0, p - q)); the output is distributed exactly as the target's.
         if sampler.uniform() * float(q[token]) < float(p[token]):
             continue
         residual = (p - q).clamp_min(0)
         return i, sampler.draw(residual / residual.sum() if residual.sum() > 0 else p)
-    token, _ = sampler.pick(target_logits(len(drafts)))
-    return len(drafts), token
+    return len(drafts), sampler.draw(sampler.probs(target_logits[len(drafts)]))
 
 
 @torch.inference_mode()
@@ -286,8 +278,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     while len(out) < cfg.max_new_tokens and out[-1] not in cfg.stop_token_ids:
         budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
         drafts, probs = speculator.draft(committed, budget, sampler)
-        speculator.verify(committed, drafts)
-        n_ok, token = accept(drafts, probs, speculator.target_logits, sampler)
+        n_ok, token = accept(drafts, probs, speculator.verify(committed, drafts), sampler)
         new = [*drafts[:n_ok], token]
         for j, t in enumerate(new):  # stop at the first stop token
             if t in cfg.stop_token_ids:
@@ -345,6 +336,25 @@ class _FirstTokenClock(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _pinned_assistant(assistant: torch.nn.Module, k: int):
+    """generate() reads the assistant's settings from the assistant model's own generation
+    config (by default up to 20 tokens, stopping early below 0.4 confidence), not from the
+    config passed to generate(): pin them there, and restore them afterwards."""
+    cfg = assistant.generation_config
+    keys = ("num_assistant_tokens", "num_assistant_tokens_schedule",
+            "assistant_confidence_threshold")
+    saved = {key: getattr(cfg, key, None) for key in keys}
+    cfg.num_assistant_tokens = k
+    cfg.num_assistant_tokens_schedule = "constant"
+    cfg.assistant_confidence_threshold = 0.0  # falsy: no confidence-based early stop
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(cfg, key, value)
 
 
 class CountingHooks:
@@ -412,9 +422,12 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     clock = _FirstTokenClock(model.device, models)
     torch.manual_seed(cfg.seed)
     start = [m.counts.copy() for m in models]
+    assistant = draft.model if draft is not None else model.model
     with contextlib.ExitStack() as stack:
         for m in models:
             stack.enter_context(CountingHooks(m))
+        if strategy != "hf-ar":
+            stack.enter_context(_pinned_assistant(assistant, k))
         sync(model.device)
         t0 = time.perf_counter()
         output = model.model.generate(prompt, attention_mask=torch.ones_like(prompt),
