@@ -1,9 +1,9 @@
 """Model loading and the early-exit adapter: the bottom of lsbench's import graph.
 
 The adapter drives a decoder-only transformers model one layer range at a time against a
-single shared `DynamicCache`, so that drafting (layers [0, E)) and verification (layers
-[E, L)) reuse each other's KV entries. It also counts every layer-token evaluation, which
-is what the FLOPs accounting is built from.
+single shared KV cache (a transformers `Cache`), so that drafting (layers [0, E)) and
+verification (layers [E, L)) reuse each other's KV entries. It also counts every
+layer-token evaluation, which is what the FLOPs accounting is built from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from lsbench.errors import LsbenchError
@@ -98,6 +99,9 @@ def locate_model(ref: str) -> ModelSource:
         if not path.is_file():
             raise LsbenchError(f"model '{ref}' is not fetched yet; run: make qwen-pair")
         return ModelSource("gguf", ref, path)
+    trained = cache_dir() / "trained" / ref  # `lsbench train NAME` outputs resolve by name
+    if "/" not in ref and (trained / "config.json").is_file():
+        return ModelSource("dir", ref, trained)
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
@@ -294,16 +298,17 @@ class EarlyExitModel:
         sliding = getattr(self.config, "sliding_window", None)
         return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
 
-    def new_cache(self) -> DynamicCache:
-        # No config: every layer keeps all its entries, so any layer can be cropped exactly.
-        return DynamicCache()
+    def new_cache(self) -> Cache:
+        # Every layer keeps all its entries (sliding windows are applied by the mask), so any
+        # layer can be cropped exactly after a rejected draft.
+        return Cache(layers=[GrowingLayer() for _ in range(self.num_layers)])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.embed_tokens(ids)  # Gemma's embedding applies its own scale
         self.counts.embed_tokens += ids.shape[1]
         return hidden
 
-    def run_layers(self, hidden: torch.Tensor, cache: DynamicCache, lo: int,
+    def run_layers(self, hidden: torch.Tensor, cache: Cache, lo: int,
                    hi: int) -> torch.Tensor:
         """Push `hidden` (positions following layer lo's cached entries) through layers [lo, hi)."""
         if lo >= hi:
@@ -349,7 +354,56 @@ def attended_pairs(start: int, n: int, window: int | None) -> int:
     return sum(min(p + 1, window) for p in range(start, start + n))
 
 
-def crop_cache(cache: DynamicCache, length: int) -> None:
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in over-allocated buffers: appending copies
+    only the new tokens (DynamicLayer re-concatenates the whole cache every step) and a
+    rollback is a view. Capacity doubles when full."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self._k = self._v = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self.length + n
+        if self._k is None or end > self._k.shape[-2]:
+            self._k = self._grow(self._k, key_states, end)
+            self._v = self._grow(self._v, value_states, end)
+        self._k[..., self.length:end, :] = key_states
+        self._v[..., self.length:end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, old: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
+        shape = (*new.shape[:-2], max(2 * needed, 256), new.shape[-1])
+        buffer = new.new_empty(shape)
+        if old is not None:
+            buffer[..., : self.length, :] = old[..., : self.length, :]
+        return buffer
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes the negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(self.length + tokens_to_remove, 0)
+        self.keys, self.values = self._k[..., : self.length, :], self._v[..., : self.length, :]
+
+    def reset(self) -> None:
+        super().reset()
+        self._k = self._v = None
+        self.length = 0
+
+
+def crop_cache(cache: Cache, length: int) -> None:
     """Drop every layer's entries past `length` (the rollback after verification)."""
     for i, layer in enumerate(cache.layers):
         extra = cache.get_seq_length(i) - length
