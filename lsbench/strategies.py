@@ -137,6 +137,26 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
 
 
 # --- speculative decoding: one propose/verify loop, two drafters ----------------------------
+
+class VerifyLogits:
+    """The full model's logits at each verified position, computed on demand: position 0
+    alone, the rest in one batch only if the first draft is accepted. With low acceptance
+    most rounds pay for one LM-head row instead of k+1 (on a CPU a k+1-row head costs about
+    k+1 times one row)."""
+
+    def __init__(self, model: EarlyExitModel, final_hidden: torch.Tensor | None,
+                 known: list[torch.Tensor] | None = None):
+        self.model, self.hidden = model, final_hidden
+        self.rows: dict[int, torch.Tensor] = dict(enumerate(known or []))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i not in self.rows:
+            lo = 0 if i == 0 else 1
+            hi = 1 if i == 0 else self.hidden.shape[1]
+            for j, row in enumerate(self.model.logits(self.hidden[:, lo:hi])[0], start=lo):
+                self.rows.setdefault(j, row)
+        return self.rows[i]
+
 #
 # Cache invariant between rounds: every layer of the target cache holds exactly the committed
 # tokens except the last one, which is the pending input of the next round.
@@ -171,16 +191,16 @@ class SelfSpeculator:
             probs.append(q)
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> torch.Tensor:
-        """Full-model logits at the pending token and every draft: [len(drafts) + 1, vocab]."""
+    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+        """Full-model logits at the pending token and at every draft."""
         m, e = self.model, self.exit_layer
         last = drafts[-1] if drafts else committed[-1]
         # Only the newest token still needs its shallow pass; the rest come from the cache.
         shallow = m.run_layers(m.embed(self._ids(last)), self.cache, 0, e)
         if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
-            return torch.stack([*self.exit_logits, m.logits(shallow)[0, -1]])
+            return VerifyLogits(m, None, [*self.exit_logits, m.logits(shallow)[0, -1]])
         hidden = torch.cat([*self.exit_hidden, shallow], dim=1)
-        return m.logits(m.run_layers(hidden, self.cache, e, m.num_layers))[0]
+        return VerifyLogits(m, m.run_layers(hidden, self.cache, e, m.num_layers))
 
     def rollback(self, cached_len: int) -> None:
         crop_cache(self.cache, cached_len)
@@ -215,26 +235,26 @@ class DraftModelSpeculator:
             new = [token]
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> torch.Tensor:
-        """Full-model logits at the pending token and every draft: [len(drafts) + 1, vocab]."""
+    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+        """Full-model logits at the pending token and at every draft."""
         m = self.model
         ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
-        return m.logits(m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))[0]
+        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))
 
     def rollback(self, cached_len: int) -> None:
         crop_cache(self.cache, cached_len)
         crop_cache(self.draft_cache, cached_len)
 
 
-def accept(drafts: list[int], draft_probs: list, target_logits: torch.Tensor,
+def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
            sampler: Sampler) -> tuple[int, int]:
     """(accepted drafts, next token) from the full model's logits at each drafted position."""
     if sampler.greedy:
-        best = target_logits.argmax(-1).tolist()
         for i, token in enumerate(drafts):
-            if best[i] != token:
-                return i, best[i]
-        return len(drafts), best[len(drafts)]
+            best = int(target_logits[i].argmax())
+            if best != token:
+                return i, best
+        return len(drafts), int(target_logits[len(drafts)].argmax())
     for i, token in enumerate(drafts):
         p, q = sampler.probs(target_logits[i]), draft_probs[i]
         # Standard speculative rejection rule: accept with min(1, p/q), else resample from

@@ -87,8 +87,9 @@ def test_layer_token_counts_match_cost_formula(target, exit_layer, k):
     # ...which puts d+1 tokens through every layer: shallow layers are never recomputed.
     assert gen.decode_counts.layer_tokens == [sum(d + 1 for d in gen.drafted)] * L
     assert gen.prefill_counts.layer_tokens == [len(PROMPT)] * L
-    # LM head: one per draft, one per verified position (the drafts and the pending token).
-    verified = [d + 1 for d in gen.drafted]
+    # LM head: one per draft; verification computes position 0, then the other d positions
+    # only when the first draft was accepted.
+    verified = [1 + (d if a > 0 else 0) for a, d in zip(gen.accepted, gen.drafted, strict=True)]
     if exit_layer == L:
         verified = [1] * len(gen.drafted)  # exit logits at the last layer are the target's
     assert gen.decode_counts.head_tokens == sum(gen.drafted) + sum(verified)
