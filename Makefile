@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine qwen-pair clean
+.PHONY: setup test lint sweep bench-engine qwen-pair ab clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ bench-engine: setup
 # ~1.6 GB download, ~9 GB converted cache, ~15 GB peak RAM for the 1.5B conversion.
 qwen-pair: setup
 	$(BIN)/python -m lsbench.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+
+# The offline A/B: train a baseline twin and a LayerSkip twin (tiny Llama, BPE 4096, ~850k
+# tokens each, 2 CPU cores), sweep both on held-out news, draw them side by side. Writes
+# results/ab/summary.md and plots/ab/*.png; about 9 minutes.
+ab: setup
+	$(BIN)/python -m lsbench.ab --out results/ab --plots plots/ab
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

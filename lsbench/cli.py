@@ -28,6 +28,9 @@ from rich.table import Table
 from lsbench import __version__
 from lsbench.errors import LsbenchError
 
+# Libraries' own tqdm bars (GGUF conversion, weight loading) would garble rich's progress.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark early-exit self-speculative decoding (LayerSkip) against "
                        "autoregressive and two-model speculative decoding.")
@@ -314,6 +317,88 @@ def report(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
             err.print(f"wrote {out}")
+
+    _guarded(body)
+
+
+@app.command()
+def train(
+    out: Annotated[str, typer.Argument(help="A name (saved in the lsbench cache, then usable as "
+                                       "--model NAME) or a directory path.")],
+    recipe: Annotated[str, typer.Option(help="layerskip (layer dropout + early-exit loss) or "
+                                        "baseline (both off).")] = "layerskip",
+    size: Annotated[str, typer.Option(help="From scratch: micro, tiny, small or a config "
+                                      ".json file.")] = "tiny",
+    init: Annotated[str | None, typer.Option(help="Continue from a pretrained model: hub id, "
+                                             "directory or .gguf.")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Training text (repeatable): "
+                    "wiki-lead, lee-news, jsonl:PATH, cnn_dailymail, xsum.")] = None,
+    split: Annotated[str, typer.Option(help="Split of hub datasets.")] = "train",
+    holdout: Annotated[int, typer.Option(help="Articles kept out of training (written to "
+                       "heldout.jsonl, scored for held-out loss).")] = 0,
+    holdout_from: Annotated[str, typer.Option(help="Dataset to hold out from (default: the "
+                            "last --data).")] = "",
+    tokenizer: Annotated[str | None, typer.Option(help="bpe (train one on the text; default "
+                         "from scratch) or model (--init's; default with --init).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 4096,
+    tokens: Annotated[int, typer.Option(help="Token budget (0: wall-clock budget only).")]
+    = 850_000,
+    time_budget: Annotated[float, typer.Option(help="Wall-clock budget in seconds (0: none); "
+                           "the schedule then follows elapsed time.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Init, data order and dropout seed.")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    schedule: Annotated[str, typer.Option(help="cosine, linear or constant (after warm-up).")]
+    = "cosine",
+    warmup: Annotated[float, typer.Option(help="Warm-up share of the budget.")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    p_max: Annotated[float, typer.Option(help="Layer-dropout rate at the last layer.")] = 0.2,
+    dropout_curriculum: Annotated[str, typer.Option(help="none, linear or exp (time scaling "
+                                  "of layer dropout).")] = "none",
+    exit_curriculum: Annotated[str, typer.Option(help="rotational, gradual or none.")]
+    = "rotational",
+    rotation: Annotated[int, typer.Option(help="R of the rotational curriculum.")] = 2,
+    e_scale: Annotated[float, typer.Option(help="Scale of the intermediate exits' loss "
+                       "weights.")] = 0.2,
+    exit_weighting: Annotated[str, typer.Option(help="Growth of the exit weights with depth: "
+                              "sum_l (the paper), l or one.")] = "sum_l",
+    threads: Threads = None, device: Device = None,
+) -> None:
+    """Train an early-exit-capable model with the LayerSkip recipe, or its baseline twin."""
+    from lsbench.recipe import Recipe
+    from lsbench.train import TrainConfig
+    from lsbench.train import train as run_training
+
+    def body() -> None:
+        if recipe not in ("layerskip", "baseline"):
+            raise LsbenchError(f"unknown recipe {recipe!r}; choose layerskip or baseline")
+        knobs = (Recipe.baseline() if recipe == "baseline" else
+                 Recipe(p_max=p_max, dropout_curriculum=dropout_curriculum,
+                        exit_curriculum=exit_curriculum, rotation=rotation, e_scale=e_scale,
+                        exit_weighting=exit_weighting))
+        cfg = TrainConfig(out=out, recipe=knobs, size=size, init=init,
+                          data=tuple(data or ("wiki-lead", "lee-news")), split=split,
+                          holdout=holdout, holdout_from=holdout_from,
+                          tokenizer=tokenizer or ("model" if init else "bpe"),
+                          vocab_size=vocab_size, tokens=tokens, time_budget_s=time_budget,
+                          seed=seed, lr=lr, schedule=schedule, warmup=warmup,
+                          batch_size=batch_size, seq_len=seq_len, threads=threads,
+                          device=device or "auto")
+        _quiet_libraries()
+
+        def on_log(r: dict) -> None:
+            exits = " ".join(f"E{e}={v:.3f}" for e, v in r["exit_loss"].items())
+            err.print(f"step {r['step']:>5}  {r['tokens']:>10,} tok  {r['time_s']:>7.1f} s  "
+                      f"lr {r['lr']:.2e}  loss {r['loss']:.3f}  {exits}", highlight=False)
+
+        result = run_training(cfg, on_log)
+        log = result.log
+        err.print(f"{log['steps']} steps, {log['tokens_seen']:,} tokens in "
+                  f"{log['train_s']:.0f} s", highlight=False)
+        if log["heldout"]:
+            losses = " ".join(f"E{e}={v:.3f}" for e, v in log["heldout"]["loss"].items())
+            err.print(f"held-out loss per exit: {losses}", highlight=False)
+        out_console_path(result.path)
 
     _guarded(body)
 

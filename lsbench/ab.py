@@ -1,0 +1,230 @@
+"""`make ab`: the LayerSkip blog's contrast, offline. Two twins (same architecture, data order,
+seed and token budget) are trained on this machine, one with the LayerSkip recipe and one
+without, then swept on held-out news articles with the ordinary `lsbench sweep` machinery, and
+drawn side by side with a Markdown summary.
+
+    python -m lsbench.ab [--out results/ab] [--plots plots/ab] [--tokens N]
+
+The twins train in parallel, one thread each (2 cores); the sweeps then run one at a time so
+that their timings do not disturb each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pandas as pd
+
+from lsbench.recipe import Recipe
+from lsbench.train import HELDOUT_FILE, LOG_FILE, TrainConfig, output_dir
+
+SWEEP_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "ab-twins.toml"
+TWINS = {"baseline": "tiny-baseline", "layerskip": "tiny-layerskip"}
+# The twins' shared settings; only the recipe differs.
+AB_TRAIN = TrainConfig(
+    out="", size="tiny", data=("wiki-lead", "lee-news"), holdout=24, holdout_from="lee-news",
+    tokenizer="bpe", vocab_size=4096, tokens=850_000, seed=0, lr=3e-3, warmup=0.05,
+    schedule="cosine", batch_size=8, seq_len=256, log_every=20, threads=1, device="cpu",
+)
+AB_RECIPE = Recipe(p_max=0.2, dropout_curriculum="none", exit_curriculum="rotational",
+                   rotation=2, e_scale=1.0)
+
+
+def _train_one(cfg: TrainConfig) -> str:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    from lsbench.train import train
+
+    return str(train(cfg).path)
+
+
+def twin_configs(base: TrainConfig, recipe: Recipe) -> dict[str, TrainConfig]:
+    return {"baseline": replace(base, recipe=Recipe.baseline(), out=TWINS["baseline"]),
+            "layerskip": replace(base, recipe=recipe, out=TWINS["layerskip"])}
+
+
+def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> None:
+    configs = twin_configs(base, recipe)
+    if not parallel:
+        for cfg in configs.values():
+            _train_one(cfg)
+        return
+    # spawn: a fresh interpreter per twin, so neither inherits the other's torch state.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        for future in [pool.submit(_train_one, c) for c in configs.values()]:
+            future.result()
+
+
+def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
+    from lsbench.models import model_num_layers
+    from lsbench.runner import run_job
+    from lsbench.spec import Settings, sweep_job
+    from lsbench.store import ResultStore
+
+    settings = Settings.from_file(sweep_file)
+    settings.override("", "model", name)
+    settings.override("data", "dataset", f"jsonl:{out / 'heldout-news.jsonl'}")
+    job = sweep_job(settings, model_num_layers(name))
+    path = out / f"{name}.parquet"
+    path.unlink(missing_ok=True)  # fresh twins: never resume from an older model's rows
+    run_job(job, ResultStore(path))
+    return path
+
+
+def distinct_share(df: pd.DataFrame) -> float:
+    """Mean over autoregressive outputs of distinct tokens / tokens (1.0: no repetition)."""
+    ar = df[df["is_baseline"]]
+    shares = [len(set(ids)) / len(ids) for ids in ar["output_ids"] if len(ids)]
+    return sum(shares) / len(shares) if shares else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.inf if a else math.nan
+
+
+def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
+                     k_target: int = 4) -> tuple[str, dict]:
+    from lsbench.report import summarize
+
+    s = summarize(df)
+    num_layers = int(s["model_num_layers"].iloc[0])
+    acc: dict[str, dict[int, float]] = {}
+    best: dict[str, dict] = {}
+    speed: dict[str, dict[int, float]] = {}
+    for kind, name in TWINS.items():
+        rows = s[(s["model"] == name) & (s["strategy"] == "layerskip")]
+        at_k = rows[rows["num_speculations"] == k_target]
+        acc[kind] = {int(r.exit_layer): float(r.acceptance_rate) for r in at_k.itertuples()}
+        speed[kind] = {int(e): float(g["speedup_median"].max())
+                       for e, g in rows.groupby("exit_layer")}
+        # Exiting at the last layer drafts with the full model: not self-speculation.
+        shallow = rows[rows["exit_layer"] < num_layers]
+        top = shallow.loc[shallow["speedup_median"].idxmax()]
+        best[kind] = {"exit_layer": int(top["exit_layer"]), "k": int(top["num_speculations"]),
+                      "speedup": float(top["speedup_median"]),
+                      "lossless": float(top["match_rate"])}
+    loss = {kind: {int(e): v for e, v in logs[kind]["heldout"]["loss"].items()}
+            for kind in TWINS}
+    agree = {kind: {int(e): v for e, v in logs[kind]["heldout"]["agreement"].items()}
+             for kind in TWINS}
+    distinct = {kind: distinct_share(df[df["model"] == name]) for kind, name in TWINS.items()}
+    half = [e for e in range(1, num_layers // 2 + 1)]
+    ratios = {e: _ratio(acc["layerskip"].get(e, math.nan), acc["baseline"].get(e, math.nan))
+              for e in half}
+    final_b, final_l = loss["baseline"][num_layers], loss["layerskip"][num_layers]
+    targets = {
+        "acceptance >= 1.5x baseline at every E <= L/2": all(r >= 1.5 for r in ratios.values()),
+        "final-layer held-out loss within 5% of baseline": final_l <= 1.05 * final_b,
+        "best LayerSkip speedup > 1.0, lossless": best["layerskip"]["speedup"] > 1.0
+        and best["layerskip"]["lossless"] == 1.0,
+        "make ab under 30 minutes": wall_s < 1800,
+    }
+    lines = ["# LayerSkip A/B: baseline twin vs LayerSkip twin", "",
+             f"Same architecture ({num_layers} layers), data order, seed and token budget "
+             f"({logs['baseline']['tokens_seen']:,} tokens each); held-out prompts: "
+             f"{len(df['example_id'].unique())} news articles not in the training text. "
+             f"Greedy decoding; acceptance at k={k_target}.", "",
+             "| exit E | acceptance baseline | acceptance LayerSkip | ratio | "
+             "best speedup baseline | best speedup LayerSkip | held-out loss baseline | "
+             "held-out loss LayerSkip | agreement baseline | agreement LayerSkip |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in range(1, num_layers + 1):
+        ab, al = acc["baseline"].get(e, math.nan), acc["layerskip"].get(e, math.nan)
+        ratio = _ratio(al, ab)
+        lines.append(f"| {e} | {ab:.2f} | {al:.2f} | "
+                     f"{'—' if math.isnan(ratio) else f'{ratio:.2f}x'} | "
+                     f"{speed['baseline'].get(e, math.nan):.2f}x | "
+                     f"{speed['layerskip'].get(e, math.nan):.2f}x | {loss['baseline'][e]:.3f} | "
+                     f"{loss['layerskip'][e]:.3f} | {agree['baseline'][e]:.2f} | "
+                     f"{agree['layerskip'][e]:.2f} |")
+    lines += ["", "Best speedup: the highest median speedup over k at that exit. Agreement: "
+              "teacher-forced share of held-out positions where exit E's argmax equals the "
+              "last layer's (a proxy for greedy acceptance).", "",
+              "| twin | best setting | speedup | lossless | distinct-token share (AR) | "
+              "train time | step time |", "|---|---|---:|---:|---:|---:|---:|"]
+    for kind in TWINS:
+        b, log = best[kind], logs[kind]
+        lines.append(f"| {kind} | E={b['exit_layer']} k={b['k']} | {b['speedup']:.2f}x | "
+                     f"{b['lossless']:.0%} | {distinct[kind]:.2f} | {log['train_s']:.0f} s | "
+                     f"{1000 * log['step_s']:.0f} ms |")
+    lines += ["", "## Targets", ""]
+    lines += [f"- [{'x' if ok else ' '}] {what}" for what, ok in targets.items()]
+    lines += ["", f"`make ab` wall time: {wall_s / 60:.1f} min.", "",
+              "Recipe of the LayerSkip twin: " + json.dumps(logs["layerskip"]["config"]["recipe"]),
+              ""]
+    numbers = {"acceptance": acc, "speedup": speed, "heldout_loss": loss, "agreement": agree,
+               "best": best, "distinct_share": distinct, "wall_s": wall_s, "targets": targets}
+    return "\n".join(lines), numbers
+
+
+def run_ab(base: TrainConfig, recipe: Recipe, out: Path, plots: Path,
+           sweep_file: Path = SWEEP_FILE, train: bool = True, parallel: bool = True,
+           say=print) -> dict:
+    """Train both twins (unless train=False), sweep them, plot, write summary.md/.json."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if train:
+        say(f"training twins ({base.tokens:,} tokens each)...")
+        train_twins(base, recipe, parallel)
+    paths = {kind: output_dir(name) for kind, name in TWINS.items()}
+    logs = {kind: json.loads((p / LOG_FILE).read_text()) for kind, p in paths.items()}
+    for kind, log in logs.items():
+        losses = log["heldout"]["loss"]
+        say(f"  {kind}: {log['steps']} steps in {log['train_s']:.0f} s, held-out loss "
+            f"{losses[str(len(losses))]:.3f}")
+    shutil.copyfile(paths["layerskip"] / HELDOUT_FILE, out / "heldout-news.jsonl")
+
+    from lsbench.plots import plot_sweep
+    from lsbench.store import read_results
+
+    results = []
+    for name in TWINS.values():
+        say(f"sweeping {name} on held-out news...")
+        results.append(sweep_twin(name, out, sweep_file))
+    df = read_results(results)
+    for p in plot_sweep(df, plots):
+        say(f"  {p}")
+    text, numbers = summary_markdown(df, logs, time.perf_counter() - started)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(
+        {**numbers, "train": asdict(base), "recipe": asdict(recipe)}, indent=1, default=str))
+    say(text)
+    return numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/ab"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/ab"))
+    parser.add_argument("--tokens", type=int, default=AB_TRAIN.tokens)
+    parser.add_argument("--skip-train", action="store_true",
+                        help="sweep the twins already trained")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    run_ab(replace(AB_TRAIN, tokens=args.tokens), AB_RECIPE, args.out, args.plots,
+           train=not args.skip_train, say=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
