@@ -120,8 +120,9 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     from lsbench.models import model_num_layers
 
     check_dataset(settings.get("data", "dataset", "lee-news"))
-    job: JobSpec = job_builder(settings, model_num_layers(model, settings.get("", "revision")))
-    num_layers = validate(job)
+    num_layers = model_num_layers(model, settings.get("", "revision"))
+    job: JobSpec = job_builder(settings, num_layers)
+    validate(job)  # draft models too, before the header and the results file
     path = out_path or Path("results") / f"{job.name}.parquet"
     store = ResultStore(path)
     _quiet_libraries()
@@ -281,12 +282,13 @@ def plot(
         if not paths:
             raise LsbenchError("nothing to plot: the results have no early-exit or draft runs")
         for p in paths:
-            out_console_path(p)
+            _print_path(p)
 
     _guarded(body)
 
 
-def out_console_path(path: Path) -> None:
+def _print_path(path: Path) -> None:
+    # A function of its own because the commands' `--out` parameter shadows the console.
     out.print(str(path), highlight=False)
 
 
@@ -398,7 +400,7 @@ def train(
         if log["heldout"]:
             losses = " ".join(f"E{e}={v:.3f}" for e, v in log["heldout"]["loss"].items())
             err.print(f"held-out loss per exit: {losses}", highlight=False)
-        out_console_path(result.path)
+        _print_path(result.path)
 
     _guarded(body)
 

@@ -25,7 +25,6 @@ from lsbench.models import (
     LoadedModel,
     load_model,
     locate_model,
-    model_num_layers,
 )
 from lsbench.spec import JobSpec, RunSpec
 from lsbench.store import ResultStore
@@ -48,12 +47,12 @@ class JobOutcome:
     skipped: int  # already in the results file
 
 
-def validate(job: JobSpec) -> int:
-    """Cheap checks before anything heavy; returns the target's layer count."""
+def validate(job: JobSpec) -> None:
+    """Cheap checks before anything heavy: the dataset and every model reference exist.
+    (Exit layers were checked against the layer count when the JobSpec was built.)"""
     check_dataset(job.dataset.name)
     for ref in {job.model, *(r.draft_model for r in job.runs if r.draft_model)}:
         locate_model(ref)
-    return model_num_layers(job.model, job.revision)
 
 
 @dataclass
@@ -86,7 +85,7 @@ def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def environment(job: JobSpec, device: torch.device, dtype: torch.dtype) -> dict:
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -139,7 +138,7 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
     prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
     stops = stop_token_ids(loaded.target)
     cfg = DecodingConfig(**{**job.decoding.__dict__, "stop_token_ids": stops})
-    env = environment(job, loaded.adapter.device, loaded.adapter.dtype)
+    env = environment(loaded.adapter.device, loaded.adapter.dtype)
 
     done_keys = store.completed_keys()
     plan = [(rep, i, run) for rep in range(job.repeats) for i in range(len(examples))

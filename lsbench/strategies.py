@@ -21,8 +21,6 @@ from lsbench.errors import LsbenchError
 from lsbench.models import EarlyExitModel, EvalCounts, attended_pairs, crop_cache
 
 STRATEGIES = ("ar", "spec", "layerskip", "hf-ar", "hf-assisted", "hf-early-exit")
-NEEDS_DRAFT = ("spec", "hf-assisted")
-NEEDS_EXIT = ("layerskip", "hf-early-exit")
 
 
 @dataclass(frozen=True)
