@@ -2,26 +2,91 @@
 model, measured side by side in one process on the same prompts, printed as ratios.
 
     python -m lsbench.bench [--prompts 3] [--max-new-tokens 48] [--k 4] [--exit-layers 8,16,24,28]
+                            [--dtype float32] [--device cpu]
 
 Strategies alternate per prompt (A B, then B A) so slow drift of the machine hits both sides,
 and each (strategy, prompt) keeps its fastest repeat: interference from other processes only
 ever adds time, so the minimum is the least disturbed measurement. Exit status 1 when a
 greedy output differs from autoregressive decoding, else 0.
+
+Each `layerskip` line also prints the ratio a cost model allows on this machine: decoder-layer
+and LM-head seconds at 1 and k+1 tokens, measured in the same run, put into the per-round
+work of both implementations. The shared cache saves compute, not weight reads, so where a
+(k+1)-token layer call costs little more than a 1-token call the ceiling is close to 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from dataclasses import dataclass
+
+import torch
 
 from lsbench.data import DatasetSpec, build_prompt, load_examples
-from lsbench.models import EarlyExitModel, load_model
+from lsbench.models import EarlyExitModel, crop_cache, load_model
 from lsbench.runner import stop_token_ids
 from lsbench.spec import parse_int_list
-from lsbench.strategies import DecodingConfig, generate
+from lsbench.strategies import DecodingConfig, generate, sync
 
 AR_TARGET, EXIT_TARGET = 0.97, 1.25
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds of one decoder layer and of the LM head, for 1 and for k+1 tokens."""
+
+    layer_1: float
+    layer_k1: float
+    head_1: float
+    head_k1: float
+
+    def layerskip_round(self, num_layers: int, e: int, k: int) -> float:
+        """lsbench: k drafts through layers [0, E) + head; the last draft's shallow pass; the
+        deep layers over k+1 cached exit states; one head row (a round that accepts nothing)."""
+        draft = k * (e * self.layer_1 + self.head_1)
+        return draft + e * self.layer_1 + (num_layers - e) * self.layer_k1 + self.head_1
+
+    def hf_early_exit_round(self, num_layers: int, e: int, k: int) -> float:
+        """transformers: the same drafts, then all layers and the head over k+1 tokens."""
+        draft = k * (e * self.layer_1 + self.head_1)
+        return draft + num_layers * self.layer_k1 + self.head_k1
+
+
+@torch.inference_mode()
+def measure_unit_costs(model: EarlyExitModel, prompt: list[int], k: int,
+                       repeats: int = 15) -> UnitCosts:
+    """Median times of a pass through all layers (per layer) and of the head, at 1 and k+1
+    tokens, against a cache holding the prompt: the weights stream as they do in decoding."""
+    cache = model.new_cache()
+    model.run_layers(model.embed(torch.tensor([prompt], device=model.device)), cache, 0,
+                     model.num_layers)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            sync(model.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(model.device)
+            times.append(time.perf_counter() - t0)
+            crop_cache(cache, len(prompt))
+        return statistics.median(times)
+
+    def layers(n: int) -> float:
+        ids = torch.tensor([prompt[-n:]], device=model.device)
+        hidden = model.embed(ids)
+        n_layers = model.num_layers
+        return timed(lambda: model.run_layers(hidden, cache, 0, n_layers)) / n_layers
+
+    def head(n: int) -> float:
+        hidden = torch.randn(1, n, model.config.hidden_size, device=model.device,
+                             dtype=model.dtype)
+        return timed(lambda: model.logits(hidden))
+
+    return UnitCosts(layers(1), layers(k + 1), head(1), head(k + 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--exit-layers", default="8,16,24,28")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     model = EarlyExitModel(loaded.model)
     examples, _ = load_examples(DatasetSpec(args.dataset, limit=args.prompts))
     prompts = [build_prompt(loaded.tokenizer, ex.article, args.max_input_tokens).ids
@@ -55,10 +122,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_new_tokens} new tokens, k={args.k}, {args.repeats} repeats, "
           f"device {model.device}, dtype {model.dtype}")
     reference = {i: generate("ar", model, p, cfg).tokens for i, p in enumerate(prompts)}
+    unit = measure_unit_costs(model, prompts[0], args.k)
+    ms = 1000.0
+    print(f"unit costs: decoder layer {unit.layer_1 * ms:.3f} ms at 1 token, "
+          f"{unit.layer_k1 * ms:.3f} ms at {args.k + 1} tokens "
+          f"({unit.layer_k1 / unit.layer_1:.2f}x); LM head {unit.head_1 * ms:.2f} ms at 1 row, "
+          f"{unit.head_k1 * ms:.2f} ms at {args.k + 1} rows")
     lossless = True
     for a, b in pairs:
         best: dict[tuple, float] = {}  # (strategy, exit, prompt) -> fastest decode seconds
         tokens = {i: 0 for i in range(len(prompts))}
+        rounds = {i: 0 for i in range(len(prompts))}  # lsbench's verification rounds
         for name, e in (a, b):  # warm-up, unmeasured
             generate(name, model, prompts[0], DecodingConfig(max_new_tokens=8), k=args.k,
                      exit_layer=e)
@@ -69,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     key = (name, e, i)
                     best[key] = min(best.get(key, float("inf")), gen.decode_s)
                     tokens[i] = gen.decode_tokens
+                    if name == "layerskip":
+                        rounds[i] = len(gen.drafted)
                     if gen.tokens != reference[i]:
                         lossless = False
                         print(f"  MISMATCH: {name} E={e} differs from ar on prompt {i}")
@@ -80,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if ratio >= target else "BELOW TARGET"
         print(f"{a[0]:>9} vs {b[0]:<13}{where}: {tps[a]:6.2f} vs {tps[b]:6.2f} tok/s "
               f"-> {ratio:.2f}x (target >= {target:.2f}x) {verdict}")
+        if a[1] is not None:
+            # Greedy drafts and verdicts are the same on both sides, so are the rounds.
+            L, e, n = model.num_layers, a[1], sum(rounds.values())
+            ours, theirs = (sum(best[(*s, i)] for i in rounds) / n * ms for s in (a, b))
+            model_ours = unit.layerskip_round(L, e, args.k) * ms
+            model_theirs = unit.hf_early_exit_round(L, e, args.k) * ms
+            print(f"{'':>16}per round: {ours:.1f} vs {theirs:.1f} ms; cost model "
+                  f"{model_ours:.1f} vs {model_theirs:.1f} ms, a ceiling of "
+                  f"{model_theirs / model_ours:.2f}x without generate()'s own overhead")
         sys.stdout.flush()
     print("greedy outputs identical to ar for every strategy:", "yes" if lossless else "NO")
     return 0 if lossless else 1
