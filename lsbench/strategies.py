@@ -140,20 +140,38 @@ class VerifyLogits:
     """The full model's logits at each verified position, computed on demand: position 0
     alone, the rest in one batch only if the first draft is accepted. With low acceptance
     most rounds pay for one LM-head row instead of k+1 (on a CPU a k+1-row head costs about
-    k+1 times one row)."""
+    k+1 times one row). Rows past `final_hidden` (or `known`) come from `last`, which the
+    self-speculator uses to run the last draft only when every draft was accepted."""
 
     def __init__(self, model: EarlyExitModel, final_hidden: torch.Tensor | None,
-                 known: list[torch.Tensor] | None = None):
-        self.model, self.hidden = model, final_hidden
+                 known: list[torch.Tensor] | None = None,
+                 last: Callable[[], torch.Tensor] | None = None):
+        self.model, self.hidden, self.last = model, final_hidden, last
         self.rows: dict[int, torch.Tensor] = dict(enumerate(known or []))
+        self.size = len(self.rows) if final_hidden is None else final_hidden.shape[1]
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if i not in self.rows:
+            if i >= self.size:
+                assert self.last is not None and i == self.size
+                self.rows[i] = self.last()
+                return self.rows[i]
             lo = 0 if i == 0 else 1
-            hi = 1 if i == 0 else self.hidden.shape[1]
+            hi = 1 if i == 0 else self.size
             for j, row in enumerate(self.model.logits(self.hidden[:, lo:hi])[0], start=lo):
                 self.rows.setdefault(j, row)
         return self.rows[i]
+
+
+def defer_last_draft(full_rounds: int, rounds: int, exit_layer: int, num_layers: int) -> bool:
+    """Whether to leave the last draft out of verification until every draft is accepted.
+
+    The last draft's own pass only yields the bonus token of a fully accepted round. Running
+    it with the others costs E sequential one-token layer calls every round; deferring it
+    costs L of them in a fully accepted round only. Defer while the (Laplace-smoothed) share
+    of fully accepted rounds so far is below E / L."""
+    return (full_rounds + 1) / (rounds + 2) * num_layers < exit_layer
+
 
 #
 # Cache invariant between rounds: every layer of the target cache holds exactly the committed
@@ -164,13 +182,16 @@ class SelfSpeculator:
 
     Drafting writes the shallow layers' KV into the shared cache and keeps each drafted
     token's hidden state after layer E-1 (the exit hidden-state cache), so verification runs
-    only the deep layers for drafted tokens.
+    only the deep layers for drafted tokens. The last draft has no cached state: it needs its
+    shallow pass, and is verified with the others or, while full acceptance is rare, only
+    once every other draft is accepted (see `defer_last_draft`).
     """
 
     def __init__(self, model: EarlyExitModel, cache, exit_layer: int):
         self.model, self.cache, self.exit_layer = model, cache, exit_layer
         self.exit_hidden: list[torch.Tensor] = []
         self.exit_logits: list[torch.Tensor] = []
+        self.rounds = self.full_rounds = 0
 
     def prefill(self, prompt: torch.Tensor) -> None:
         """Nothing to do: the drafter is the target's own first layers."""
@@ -192,16 +213,30 @@ class SelfSpeculator:
     def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
         m, e = self.model, self.exit_layer
-        last = drafts[-1] if drafts else committed[-1]
-        # Only the newest token still needs its shallow pass; the rest come from the cache.
-        shallow = m.run_layers(m.embed(self._ids(last)), self.cache, 0, e)
-        if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
-            return VerifyLogits(m, None, [*self.exit_logits, m.logits(shallow)[0, -1]])
-        hidden = torch.cat([*self.exit_hidden, shallow], dim=1)
-        return VerifyLogits(m, m.run_layers(hidden, self.cache, e, m.num_layers))
+        last = self._ids(drafts[-1] if drafts else committed[-1])
 
-    def rollback(self, cached_len: int) -> None:
+        def full_pass(cached: torch.Tensor | None) -> torch.Tensor:
+            """The last draft's shallow pass, then the deep layers over the cached exit
+            states (if any) and it."""
+            hidden = m.run_layers(m.embed(last), self.cache, 0, e)
+            if cached is not None:
+                hidden = torch.cat([cached, hidden], dim=1)
+            return m.run_layers(hidden, self.cache, e, m.num_layers)
+
+        if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
+            return VerifyLogits(m, None, self.exit_logits,
+                                last=lambda: m.logits(full_pass(None))[0, -1])
+        cached = torch.cat(self.exit_hidden, dim=1) if self.exit_hidden else None
+        if cached is None or not defer_last_draft(self.full_rounds, self.rounds, e,
+                                                  m.num_layers):
+            return VerifyLogits(m, full_pass(cached))
+        deep = m.run_layers(cached, self.cache, e, m.num_layers)
+        return VerifyLogits(m, deep, last=lambda: m.logits(full_pass(None))[0, -1])
+
+    def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
+        self.rounds += 1
+        self.full_rounds += all_accepted
 
     def _ids(self, token: int) -> torch.Tensor:
         return torch.tensor([[token]], device=self.model.device)
@@ -239,7 +274,7 @@ class DraftModelSpeculator:
         ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
         return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))
 
-    def rollback(self, cached_len: int) -> None:
+    def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
         crop_cache(self.draft_cache, cached_len)
 
@@ -306,7 +341,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         out += new
         drafted.append(len(drafts))
         accepted.append(n_ok)
-        speculator.rollback(len(committed) - 1)
+        speculator.end_round(len(committed) - 1, all_accepted=n_ok == len(drafts))
         if on_round is not None:
             on_round(cache, committed)
     sync(model.device)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lsbench.models import EarlyExitModel
+from lsbench.strategies import Generation, defer_last_draft
 
 # Tiny models run fastest on one thread; two threads mostly add synchronisation overhead.
 torch.set_num_threads(1)
@@ -63,3 +64,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tiny_model(seed=0, dtype=torch.float32, num_layers=4).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def replay_deferrals(gen: Generation, exit_layer: int, num_layers: int) -> list[bool]:
+    """Per round: was the last draft left out of verification (the policy, replayed)?"""
+    deferred, full = [], 0
+    for rounds, (d, a) in enumerate(zip(gen.drafted, gen.accepted, strict=True)):
+        deferred.append(d > 0 and (exit_layer == num_layers
+                                   or defer_last_draft(full, rounds, exit_layer, num_layers)))
+        full += a == d
+    return deferred

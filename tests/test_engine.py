@@ -12,8 +12,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lsbench.errors import LsbenchError
 from lsbench.models import EarlyExitModel, check_architecture
-from lsbench.strategies import DecodingConfig, generate, generate_speculative
-from tests.conftest import tiny_model
+from lsbench.strategies import (
+    DecodingConfig,
+    defer_last_draft,
+    generate,
+    generate_speculative,
+)
+from tests.conftest import replay_deferrals, tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
 GREEDY = DecodingConfig(max_new_tokens=24)
@@ -80,19 +85,37 @@ def test_stops_at_stop_token(target, ar_tokens):
 @pytest.mark.parametrize("exit_layer,k", [(1, 3), (2, 1), (3, 5), (4, 2)])
 def test_layer_token_counts_match_cost_formula(target, exit_layer, k):
     gen = generate("layerskip", target, PROMPT, GREEDY, k=k, exit_layer=exit_layer)
-    L = target.num_layers
-    # Per round with d drafts: d*E (draft) + E (last draft's shallow pass) + (L-E)*(d+1).
-    expected = sum(d * exit_layer + exit_layer + (L - exit_layer) * (d + 1) for d in gen.drafted)
+    L, E = target.num_layers, exit_layer
+    deferred = replay_deferrals(gen, E, L)
+    rounds = list(zip(gen.drafted, gen.accepted, deferred, strict=True))
+    # DESIGN's cost per round with d drafts: d*E (draft) + E (last draft's shallow pass)
+    # + (L-E)*(d+1). A deferred last draft that a rejection makes moot costs L less.
+    expected = sum(d * E + E + (L - E) * (d + 1) - (L if defer and a < d else 0)
+                   for d, a, defer in rounds)
     assert sum(gen.decode_counts.layer_tokens) == expected
-    # ...which puts d+1 tokens through every layer: shallow layers are never recomputed.
-    assert gen.decode_counts.layer_tokens == [sum(d + 1 for d in gen.drafted)] * L
+    # ...which puts the same tokens through every layer: shallow layers are never recomputed.
+    verified = [d + (0 if defer and a < d else 1) for d, a, defer in rounds]
+    assert gen.decode_counts.layer_tokens == [sum(verified)] * L
     assert gen.prefill_counts.layer_tokens == [len(PROMPT)] * L
-    # LM head: one per draft; verification computes position 0, then the other d positions
-    # only when the first draft was accepted.
-    verified = [1 + (d if a > 0 else 0) for a, d in zip(gen.accepted, gen.drafted, strict=True)]
-    if exit_layer == L:
-        verified = [1] * len(gen.drafted)  # exit logits at the last layer are the target's
-    assert gen.decode_counts.head_tokens == sum(gen.drafted) + sum(verified)
+    # LM head: one per draft; verification computes position 0, then the other positions
+    # only when the first draft was accepted, and a deferred last position only when all were.
+    if E == L:  # exit logits at the last layer are the target's
+        heads = [int(a == d) for d, a, _ in rounds]
+    else:
+        heads = [1 + (d - 1 if a > 0 else 0) + (a == d) if defer else 1 + (d if a > 0 else 0)
+                 for d, a, defer in rounds]
+    assert gen.decode_counts.head_tokens == sum(gen.drafted) + sum(heads)
+
+
+@pytest.mark.parametrize("exit_layer", [2, 3])
+def test_last_draft_is_deferred_only_while_full_acceptance_is_rare(target, exit_layer):
+    gen = generate("layerskip", target, PROMPT, GREEDY, k=3, exit_layer=exit_layer)
+    deferred = replay_deferrals(gen, exit_layer, target.num_layers)
+    assert not deferred[0] if exit_layer * 2 <= target.num_layers else deferred[0]
+    assert any(deferred) and not all(deferred)
+    assert defer_last_draft(0, 10, exit_layer=8, num_layers=32)  # nothing fully accepted
+    assert not defer_last_draft(5, 10, exit_layer=8, num_layers=32)  # half: 0.46 * 32 > 8
+    assert defer_last_draft(30, 30, exit_layer=32, num_layers=32)  # E = L: always
 
 
 def test_cache_holds_exactly_the_committed_tokens_after_every_round(target):
