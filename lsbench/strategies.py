@@ -223,15 +223,17 @@ class SelfSpeculator:
                 hidden = torch.cat([cached, hidden], dim=1)
             return m.run_layers(hidden, self.cache, e, m.num_layers)
 
+        def deferred_logits() -> torch.Tensor:
+            return m.logits(full_pass(None))[0, -1]
+
         if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
-            return VerifyLogits(m, None, self.exit_logits,
-                                last=lambda: m.logits(full_pass(None))[0, -1])
+            return VerifyLogits(m, None, self.exit_logits, last=deferred_logits)
         cached = torch.cat(self.exit_hidden, dim=1) if self.exit_hidden else None
         if cached is None or not defer_last_draft(self.full_rounds, self.rounds, e,
                                                   m.num_layers):
             return VerifyLogits(m, full_pass(cached))
         deep = m.run_layers(cached, self.cache, e, m.num_layers)
-        return VerifyLogits(m, deep, last=lambda: m.logits(full_pass(None))[0, -1])
+        return VerifyLogits(m, deep, last=deferred_logits)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
