@@ -9,10 +9,12 @@ and each (strategy, prompt) keeps its fastest repeat: interference from other pr
 ever adds time, so the minimum is the least disturbed measurement. Exit status 1 when a
 greedy output differs from autoregressive decoding, else 0.
 
-Each `layerskip` line also prints the ratio a cost model allows on this machine: decoder-layer
-and LM-head seconds at 1 and k+1 tokens, measured in the same run, put into the per-round
-work of both implementations. The shared cache saves compute, not weight reads, so where a
-(k+1)-token layer call costs little more than a 1-token call the ceiling is close to 1.
+Each `layerskip` line is followed by a cost model: decoder-layer seconds at 1, k and k+1
+tokens and LM-head seconds at 1 and k+1 rows, measured in the same run, put into the per-round
+work of both implementations, with and without the deferred last draft. The shared cache saves
+compute, not weight reads, so where a (k+1)-token layer call costs little more than a 1-token
+call its own ceiling is close to 1; the deferred last draft saves E one-token calls a round.
+Bad input (unknown model, exit layer out of range) ends in one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from lsbench.data import DatasetSpec, build_prompt, load_examples
+from lsbench.errors import LsbenchError
 from lsbench.models import EarlyExitModel, crop_cache, load_model
 from lsbench.runner import stop_token_ids
-from lsbench.spec import parse_int_list
+from lsbench.spec import check_exit_layers, parse_int_list
 from lsbench.strategies import DecodingConfig, generate, sync
 
 AR_TARGET, EXIT_TARGET = 0.97, 1.25
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DecodingConfig(max_new_tokens=args.max_new_tokens,
                          stop_token_ids=stop_token_ids(loaded))
     layers = parse_int_list(args.exit_layers, num_layers=model.num_layers)
+    check_exit_layers(layers, model.num_layers, args.model)
     pairs = [(("ar", None), ("hf-ar", None))]
     pairs += [(("layerskip", e), ("hf-early-exit", e)) for e in layers]
 
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    code = main()
+    try:
+        code = main()
+    except LsbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     print(f"({time.perf_counter() - t0:.0f} s)")
     sys.exit(code)

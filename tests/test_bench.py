@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lsbench import bench
@@ -46,3 +49,15 @@ def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, t
     lines = [line for line in out.splitlines() if " vs " in line and "tok/s" in line]
     assert [line.split()[0] for line in lines] == ["ar", "layerskip", "layerskip"]
     assert out.count("per round:") == 2 and "a ceiling of" in out
+
+
+@pytest.mark.parametrize("args", [["--exit-layers", "2,9"], ["--device", "tpu"]])
+def test_bench_refuses_bad_input_in_one_line(tiny_model_dir, tmp_path, args):
+    data = write_jsonl(tmp_path / "articles.jsonl")
+    cmd = [sys.executable, "-m", "lsbench.bench", "--model", str(tiny_model_dir),
+           "--dataset", f"jsonl:{data}", "--prompts", "1", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
