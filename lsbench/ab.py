@@ -72,9 +72,9 @@ def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> Non
 
 
 def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
+    from lsbench.jobs import Settings, sweep_job
     from lsbench.models import model_num_layers
     from lsbench.runner import run_job
-    from lsbench.spec import Settings, sweep_job
     from lsbench.store import ResultStore
 
     settings = Settings.from_file(sweep_file)

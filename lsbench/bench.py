@@ -29,10 +29,11 @@ import torch
 
 from lsbench.data import DatasetSpec, build_prompt, load_examples
 from lsbench.errors import LsbenchError
-from lsbench.models import EarlyExitModel, crop_cache, load_model
+from lsbench.generation import DecodingConfig, sync
+from lsbench.jobs import parse_int_list
+from lsbench.models import EarlyExitModel, check_exit_layers, crop_cache, load_model
 from lsbench.runner import stop_token_ids
-from lsbench.spec import check_exit_layers, parse_int_list
-from lsbench.strategies import DecodingConfig, generate, sync
+from lsbench.strategies import generate
 
 AR_TARGET, EXIT_TARGET = 0.97, 1.25
 

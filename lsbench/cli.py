@@ -97,7 +97,7 @@ Force = Annotated[bool, typer.Option(help="Redo runs already in the results file
 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
-    from lsbench.spec import Settings
+    from lsbench.jobs import Settings
 
     s = Settings.from_file(file)
     for (section, key), value in overrides.items():
@@ -108,8 +108,8 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
 def _measure(job_builder: Callable[[object, int], object], settings, out_path: Path | None,
              force: bool, title: str) -> None:
     """Validate, run with a progress bar, print the results table."""
+    from lsbench.jobs import JobSpec
     from lsbench.runner import run_job, validate
-    from lsbench.spec import JobSpec
     from lsbench.store import ResultStore
 
     model = settings.get("", "model")
@@ -203,7 +203,7 @@ def sweep(
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
-    from lsbench.spec import sweep_job
+    from lsbench.jobs import sweep_job
 
     def body() -> None:
         s = _settings(sweep_file, {
@@ -241,7 +241,7 @@ def compare(
     threads: Threads = None, out: Out = None, force: Force = False,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
-    from lsbench.spec import compare_job
+    from lsbench.jobs import compare_job
 
     def body() -> None:
         s = _settings(compare_file, {

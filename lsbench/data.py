@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from lsbench.errors import LsbenchError
+from lsbench.errors import LsbenchError, one_line
 
 DATASETS: tuple[str, ...] = ("cnn_dailymail", "xsum", "lee-news", "wiki-lead")
 JSONL_PREFIX = "jsonl:"
@@ -72,11 +72,6 @@ _HUB = {
     "cnn_dailymail": _HubSource("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
     "xsum": _HubSource("EdinburghNLP/xsum", None, "document", "summary"),
 }
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def check_dataset(name: str) -> None:
@@ -176,7 +171,7 @@ def _load_hub(spec: DatasetSpec, source: _HubSource) -> list[Example]:
         raise
     except Exception as exc:  # hub, network and parse errors all mean "cannot load"
         raise LsbenchError(f"cannot load dataset {spec.name!r} from {where}: "
-                           f"{_one_line(exc)}") from exc
+                           f"{one_line(exc)}") from exc
     missing = [c for c in (source.article, source.reference) if c not in ds.column_names]
     if missing:
         raise LsbenchError(f"dataset {spec.name!r} from {where} lacks column(s) "
@@ -351,7 +346,7 @@ def _jsonl(path: str) -> tuple[Example, ...]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise LsbenchError(f"cannot read {path}: {_one_line(exc)}") from exc
+        raise LsbenchError(f"cannot read {path}: {one_line(exc)}") from exc
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue

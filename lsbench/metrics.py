@@ -95,6 +95,27 @@ def count_flops(fm: FlopModel, counts: EvalCounts) -> float:
                  + counts.head_tokens * fm.head_token_flops)
 
 
+# --- agreement with the baseline -----------------------------------------------------------
+
+def first_mismatch(output: list[int], reference: list[int]) -> int:
+    """First position where `output` differs from `reference`; -1 when they are identical.
+    When one is a strict prefix of the other, the shorter length (the first missing token)."""
+    for i, (a, b) in enumerate(zip(output, reference, strict=False)):
+        if a != b:
+            return i
+    return -1 if len(output) == len(reference) else min(len(output), len(reference))
+
+
+def agreement(output: list[int], reference: list[int]) -> float:
+    """Share of positions, up to the shorter sequence, where both hold the same token (NaN
+    when either is empty). Unlike a prefix match it keeps counting after a first difference,
+    which is what a lossy strategy's quality needs."""
+    n = min(len(output), len(reference))
+    if n == 0:
+        return math.nan
+    return sum(a == b for a, b in zip(output, reference, strict=False)) / n
+
+
 # --- ROUGE ------------------------------------------------------------------------------------
 
 @functools.cache

@@ -232,6 +232,23 @@ def load_model(ref: str, *, dtype: str | None = None, device: str | None = None,
                        sum(p.numel() for p in model.parameters()))
 
 
+def check_exit_layers(layers: list[int | None], num_layers: int, model: str = "the model") -> None:
+    """The one exit-layer check: every E in 1..L (E = L drafts with the full model)."""
+    bad = [e for e in layers if e is None or not 1 <= e <= num_layers]
+    if bad:
+        what = "exit layer" if len(bad) == 1 else "exit layers"
+        raise LsbenchError(f"{what} {', '.join(map(str, bad))} out of range: {model} has "
+                           f"{num_layers} layers, choose 1..{num_layers}")
+
+
+def check_draft_vocabulary(model: EarlyExitModel, draft: EarlyExitModel) -> None:
+    """The one draft/target compatibility check of the decoding loops."""
+    if draft.vocab_size != model.vocab_size:
+        raise LsbenchError(
+            f"draft model vocabulary ({draft.vocab_size} tokens) differs from the target's "
+            f"({model.vocab_size}); speculative decoding needs one tokenizer")
+
+
 def check_architecture(config) -> None:
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_ARCHITECTURES:

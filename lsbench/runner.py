@@ -19,16 +19,25 @@ import transformers
 from lsbench import __version__
 from lsbench.data import Example, Prompt, build_prompt, check_dataset, load_examples
 from lsbench.errors import LsbenchError
-from lsbench.metrics import FlopModel, count_flops, peak_memory, reset_peak_memory, rouge_scores
+from lsbench.generation import DecodingConfig, Generation
+from lsbench.jobs import JobSpec, RunSpec
+from lsbench.metrics import (
+    FlopModel,
+    agreement,
+    count_flops,
+    first_mismatch,
+    peak_memory,
+    reset_peak_memory,
+    rouge_scores,
+)
 from lsbench.models import (
     EarlyExitModel,
     LoadedModel,
     load_model,
     locate_model,
 )
-from lsbench.spec import JobSpec, RunSpec
 from lsbench.store import ResultStore
-from lsbench.strategies import DecodingConfig, Generation, generate
+from lsbench.strategies import generate
 
 WARMUP_TOKENS = 16  # warm-up generations are short: they only need every kernel shape once
 
@@ -253,5 +262,7 @@ def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repea
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
         "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
         "matches_baseline": gen.tokens == base_ids if base_ids is not None else None,
+        "first_mismatch": first_mismatch(gen.tokens, base_ids) if base_ids is not None else None,
+        "agreement": agreement(gen.tokens, base_ids) if base_ids is not None else math.nan,
         **env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -77,6 +77,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("baseline_ms_per_token", pa.float64(), "ms_per_token of the baseline on the same example"),
     ("speedup", pa.float64(), "baseline_ms_per_token / ms_per_token"),
     ("matches_baseline", pa.bool_(), "output identical to the baseline's (meaningful for greedy)"),
+    ("first_mismatch", pa.int64(), "first output position that differs from the baseline's, "
+     "-1 when identical (the shorter length when one is a prefix of the other)"),
+    ("agreement", pa.float64(), "share of positions, up to the shorter output, equal to the "
+     "baseline's output at the same position"),
     # metadata
     ("lsbench_version", pa.string(), "lsbench version"),
     ("git_commit", pa.string(), "lsbench git commit when available"),

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lsbench import __version__
-from lsbench.errors import LsbenchError
+from lsbench.errors import LsbenchError, one_line
 from lsbench.schema import ARROW_SCHEMA, COLUMN_NAMES, SCHEMA_VERSION
 
 METADATA_KEY = b"lsbench"
@@ -30,11 +30,6 @@ _KNOWN_COLUMNS = frozenset(COLUMN_NAMES)
 
 class _Refused(Exception):
     """Why a file is not a usable lsbench results file; callers phrase the LsbenchError."""
-
-
-def _one_line(text: object) -> str:
-    # Arrow error messages span lines; the CLI prints ours as exactly one.
-    return " ".join(str(text).split())
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
@@ -52,7 +47,7 @@ def _load(path: Path) -> tuple[pa.Table, dict]:
         pf = pq.ParquetFile(path)
         kv = pf.metadata.metadata or {}
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise _Refused(f"is not a readable Parquet file ({_one_line(e)})") from e
+        raise _Refused(f"is not a readable Parquet file ({one_line(e)})") from e
     if METADATA_KEY not in kv:
         raise _Refused("is not an lsbench results file (no lsbench metadata)")
     try:
@@ -61,7 +56,7 @@ def _load(path: Path) -> tuple[pa.Table, dict]:
         if not isinstance(version, int):
             raise TypeError("schema_version is not an integer")
     except (ValueError, KeyError, TypeError) as e:
-        raise _Refused(f"has unreadable lsbench metadata ({_one_line(e)})") from e
+        raise _Refused(f"has unreadable lsbench metadata ({one_line(e)})") from e
     if version > SCHEMA_VERSION:
         raise _Refused(f"was written by a newer lsbench (schema version {version}, this lsbench "
                        f"reads up to {SCHEMA_VERSION}); upgrade lsbench")
@@ -77,7 +72,7 @@ def _load(path: Path) -> tuple[pa.Table, dict]:
     try:
         table = pf.read(columns=COLUMN_NAMES).cast(ARROW_SCHEMA)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise _Refused(f"is corrupt or has wrong column types ({_one_line(e)})") from e
+        raise _Refused(f"is corrupt or has wrong column types ({one_line(e)})") from e
     return table, meta
 
 
@@ -211,7 +206,7 @@ class ResultStore:
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
         except OSError as e:
-            raise LsbenchError(f"cannot write results file {self.path} ({_one_line(e)}); "
+            raise LsbenchError(f"cannot write results file {self.path} ({one_line(e)}); "
                                "the previous file is unchanged") from e
         finally:
             with contextlib.suppress(FileNotFoundError):

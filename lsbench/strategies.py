@@ -1,6 +1,7 @@
-"""Decoding strategies. Read top to bottom: sampling, prefill, the autoregressive loop, the
-speculative loop with its two drafters (a separate draft model; the model's own early exit
-sharing one KV cache), then the `model.generate` references.
+"""lsbench's decoding loops. Read top to bottom: sampling, prefill, the autoregressive loop,
+the speculative loop with its two drafters (a separate draft model; the model's own early exit
+sharing one KV cache), then `generate`, which runs a strategy by name (transformers'
+`generate()` references live in `hf_reference`).
 
 Every strategy returns a `Generation`: raw facts only (tokens, seconds, per-round counts,
 layer-token evaluations). Derived metrics are computed elsewhere from these.
@@ -8,52 +9,17 @@ layer-token evaluations). Derived metrics are computed elsewhere from these.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
-from transformers.generation.streamers import BaseStreamer
 
 from lsbench.errors import LsbenchError
-from lsbench.models import EarlyExitModel, EvalCounts, attended_pairs, crop_cache
+from lsbench.generation import DecodingConfig, Generation, prompt_tensor, sync
+from lsbench.hf_reference import HF_STRATEGIES, generate_hf
+from lsbench.models import EarlyExitModel, check_draft_vocabulary, check_exit_layers, crop_cache
 
-STRATEGIES = ("ar", "spec", "layerskip", "hf-ar", "hf-assisted", "hf-early-exit")
-
-
-@dataclass(frozen=True)
-class DecodingConfig:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What one generation did, as measured. Rounds are verification rounds."""
-
-    tokens: list[int]
-    prefill_s: float  # prompt processing up to the first new token
-    decode_s: float  # everything after the first new token
-    decode_tokens: int  # tokens emitted after the first one
-    drafted: list[int] = field(default_factory=list)  # per round
-    accepted: list[int] = field(default_factory=list)  # per round
-    prefill_counts: EvalCounts | None = None
-    decode_counts: EvalCounts | None = None
-    draft_prefill_counts: EvalCounts | None = None
-    draft_decode_counts: EvalCounts | None = None
-
-
-def sync(device: torch.device | str) -> None:
-    """Wait for queued kernels so that a timer reads finished work."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+STRATEGIES = ("ar", "spec", "layerskip", *HF_STRATEGIES)
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -104,12 +70,6 @@ def prefill(model: EarlyExitModel, prompt: torch.Tensor, cache) -> torch.Tensor:
     return model.logits(hidden[:, -1:])[0, -1]
 
 
-def _prompt_tensor(model: EarlyExitModel, prompt_ids: list[int]) -> torch.Tensor:
-    if not prompt_ids:
-        raise LsbenchError("empty prompt")
-    return torch.tensor([prompt_ids], device=model.device)
-
-
 @torch.inference_mode()
 def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig) -> Generation:
     sampler = Sampler(cfg, model.device)
@@ -117,7 +77,7 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     counts0 = model.counts.copy()
     sync(model.device)
     t0 = time.perf_counter()
-    token, _ = sampler.pick(prefill(model, _prompt_tensor(model, prompt_ids), cache))
+    token, _ = sampler.pick(prefill(model, prompt_tensor(model, prompt_ids), cache))
     sync(model.device)
     t1 = time.perf_counter()
     counts1 = model.counts.copy()
@@ -311,17 +271,17 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     sampler = Sampler(cfg, model.device)
     cache = model.new_cache()
     if draft is not None:
-        check_draft(model, draft)
+        check_draft_vocabulary(model, draft)
         speculator = DraftModelSpeculator(model, cache, draft)
     else:
-        check_exit_layer(model, exit_layer)
+        check_exit_layers([exit_layer], model.num_layers)
         speculator = SelfSpeculator(model, cache, exit_layer)
     drafter_counts = draft.counts if draft is not None else None
     c0, d0 = model.counts.copy(), drafter_counts.copy() if drafter_counts else None
 
     sync(model.device)
     t0 = time.perf_counter()
-    prompt = _prompt_tensor(model, prompt_ids)
+    prompt = prompt_tensor(model, prompt_ids)
     token, _ = sampler.pick(prefill(model, prompt, cache))
     speculator.prefill(prompt)
     sync(model.device)
@@ -356,152 +316,6 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     )
 
 
-def check_exit_layer(model: EarlyExitModel, exit_layer: int | None) -> None:
-    if exit_layer is None or not 1 <= exit_layer <= model.num_layers:
-        raise LsbenchError(f"exit layer {exit_layer} out of range: the model has "
-                           f"{model.num_layers} layers, choose 1..{model.num_layers}")
-
-
-def check_draft(model: EarlyExitModel, draft: EarlyExitModel) -> None:
-    if draft.vocab_size != model.vocab_size:
-        raise LsbenchError(
-            f"draft model vocabulary ({draft.vocab_size} tokens) differs from the target's "
-            f"({model.vocab_size}); speculative decoding needs one tokenizer")
-
-
-# --- transformers' own generate(), for reference --------------------------------------------
-
-class _FirstTokenClock(BaseStreamer):
-    """Marks the moment generate() hands out its first new token(s), and the work done by then,
-    so that prefill and decode are split the same way as in lsbench's own loops."""
-
-    def __init__(self, device, models: list[EarlyExitModel]):
-        self.device, self.models, self.calls = device, models, 0
-        self.first_at: float | None = None
-        self.first_count = 0
-        self.counts_at_first: list[EvalCounts] = []
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:  # call 1 is the prompt
-            sync(self.device)
-            self.first_at = time.perf_counter()
-            self.first_count = int(value.numel())
-            self.counts_at_first = [m.counts.copy() for m in self.models]
-
-    def end(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _pinned_assistant(assistant: torch.nn.Module, k: int):
-    """generate() reads the assistant's settings from the assistant model's own generation
-    config (by default up to 20 tokens, stopping early below 0.4 confidence), not from the
-    config passed to generate(): pin them there, and restore them afterwards."""
-    cfg = assistant.generation_config
-    keys = ("num_assistant_tokens", "num_assistant_tokens_schedule",
-            "assistant_confidence_threshold")
-    saved = {key: getattr(cfg, key, None) for key in keys}
-    cfg.num_assistant_tokens = k
-    cfg.num_assistant_tokens_schedule = "constant"
-    cfg.assistant_confidence_threshold = 0.0  # falsy: no confidence-based early stop
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(cfg, key, value)
-
-
-class CountingHooks:
-    """Counts layer-token evaluations of an unmodified transformers model via forward hooks."""
-
-    def __init__(self, model: EarlyExitModel):
-        self.model = model
-        self.handles = []
-
-    def __enter__(self) -> CountingHooks:
-        m, counts = self.model, self.model.counts
-        for i, layer in enumerate(m.backbone.layers):
-            def pre(_mod, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                pos = kwargs.get("position_ids")
-                n = hidden.shape[1]
-                start = int(pos[0, 0]) if pos is not None else 0
-                counts.layer_tokens[i] += n
-                counts.layer_calls[i] += 1
-                counts.attn_pairs[i] += attended_pairs(start, n, m.windows[i])
-            self.handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-
-        def head(_mod, args):
-            counts.head_tokens += args[0].shape[1]
-
-        def embed(_mod, args):
-            counts.embed_tokens += args[0].shape[1]
-        self.handles.append(m.model.lm_head.register_forward_pre_hook(head))
-        self.handles.append(m.backbone.embed_tokens.register_forward_pre_hook(embed))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@torch.inference_mode()
-def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
-                *, k: int = 4, exit_layer: int | None = None,
-                draft: EarlyExitModel | None = None) -> Generation:
-    """`hf-ar`, `hf-assisted` or `hf-early-exit` through model.generate()."""
-    extra: dict = {}
-    early_exit = None
-    if strategy == "hf-assisted":
-        if draft is None:
-            raise LsbenchError("hf-assisted needs a draft model")
-        check_draft(model, draft)
-        extra["assistant_model"] = draft.model
-    elif strategy == "hf-early-exit":
-        check_exit_layer(model, exit_layer)
-        early_exit = exit_layer
-    gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else None,
-        top_k=cfg.top_k if cfg.do_sample and cfg.top_k > 0 else None,
-        top_p=cfg.top_p if cfg.do_sample and cfg.top_p < 1.0 else None,
-        eos_token_id=list(cfg.stop_token_ids) or None,
-        pad_token_id=cfg.stop_token_ids[0] if cfg.stop_token_ids else 0,
-        # Pin the assistant: k tokens every round, no adaptive schedule or early stop.
-        num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
-        assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
-    )
-    prompt = _prompt_tensor(model, prompt_ids)
-    models = [model] if draft is None else [model, draft]
-    clock = _FirstTokenClock(model.device, models)
-    torch.manual_seed(cfg.seed)
-    start = [m.counts.copy() for m in models]
-    assistant = draft.model if draft is not None else model.model
-    with contextlib.ExitStack() as stack:
-        for m in models:
-            stack.enter_context(CountingHooks(m))
-        if strategy != "hf-ar":
-            stack.enter_context(_pinned_assistant(assistant, k))
-        sync(model.device)
-        t0 = time.perf_counter()
-        output = model.model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                      generation_config=gen_cfg, streamer=clock, **extra)
-        sync(model.device)
-        t2 = time.perf_counter()
-    tokens = output[0, prompt.shape[1]:].tolist()
-    t1 = clock.first_at or t2
-    first = clock.counts_at_first or [m.counts.copy() for m in models]
-    prefill_counts = [f.minus(s) for f, s in zip(first, start, strict=True)]
-    decode_counts = [m.counts.minus(f) for m, f in zip(models, first, strict=True)]
-    return Generation(
-        tokens, t1 - t0, t2 - t1, max(len(tokens) - clock.first_count, 0),
-        prefill_counts=prefill_counts[0], decode_counts=decode_counts[0],
-        draft_prefill_counts=prefill_counts[1] if draft else None,
-        draft_decode_counts=decode_counts[1] if draft else None,
-    )
-
-
 def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
              k: int = 4, exit_layer: int | None = None,
              draft: EarlyExitModel | None = None) -> Generation:
@@ -514,7 +328,7 @@ def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: D
         if draft is None:
             raise LsbenchError("strategy 'spec' needs a draft model")
         return generate_speculative(model, prompt_ids, cfg, k, draft=draft)
-    if strategy.startswith("hf-"):
+    if strategy in HF_STRATEGIES:
         return generate_hf(model, prompt_ids, cfg, strategy, k=k, exit_layer=exit_layer,
                            draft=draft)
     raise LsbenchError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")

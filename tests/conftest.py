@@ -13,8 +13,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from lsbench.generation import Generation
 from lsbench.models import EarlyExitModel
-from lsbench.strategies import Generation, defer_last_draft
+from lsbench.strategies import defer_last_draft
 
 # Tiny models run fastest on one thread; two threads mostly add synchronisation overhead.
 torch.set_num_threads(1)

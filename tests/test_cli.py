@@ -196,7 +196,7 @@ def test_version() -> None:
 # --- refusals, all before any model is loaded -------------------------------------------------
 
 @pytest.mark.parametrize(("extra", "fragments"), [
-    (["-e", 9], ["exit layer(s) 9 out of range", "has 4 layers"]),
+    (["-e", 9], ["exit layer 9 out of range", "has 4 layers"]),
     (["-e", "2:x"], ["cannot parse exit layers"]),
     (["-k", 0], ["num_speculations must be >= 1"]),
     (["--strategy", "spec"], ["sweep strategy 'spec'"]),
@@ -299,7 +299,7 @@ def test_refusal_in_a_real_process(tiny_model_dir: Path, data_file: Path, tmp_pa
                           cwd=tmp_path, env=ENV)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        f"error: exit layer(s) 9 out of range: {tiny_model_dir} has 4 layers, choose 1..4"]
+        f"error: exit layer 9 out of range: {tiny_model_dir} has 4 layers, choose 1..4"]
     assert not out.exists()
 
 

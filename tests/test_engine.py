@@ -11,13 +11,9 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lsbench.errors import LsbenchError
+from lsbench.generation import DecodingConfig
 from lsbench.models import EarlyExitModel, check_architecture
-from lsbench.strategies import (
-    DecodingConfig,
-    defer_last_draft,
-    generate,
-    generate_speculative,
-)
+from lsbench.strategies import defer_last_draft, generate, generate_speculative
 from tests.conftest import replay_deferrals, tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]

@@ -29,15 +29,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from lsbench.generation import DecodingConfig, Generation
+from lsbench.hf_reference import CountingHooks
 from lsbench.metrics import FlopModel, count_flops, peak_memory, reset_peak_memory, rouge_scores
 from lsbench.models import EarlyExitModel, EvalCounts, crop_cache
-from lsbench.strategies import (
-    CountingHooks,
-    DecodingConfig,
-    Generation,
-    generate_ar,
-    generate_speculative,
-)
+from lsbench.strategies import generate_ar, generate_speculative
 from tests.conftest import replay_deferrals, tiny_model
 
 # Tiny Llamas spanning layer counts, MHA/GQA/MQA, hidden sizes, tied and untied heads, and a
@@ -332,3 +328,25 @@ def test_cuda_peak_memory_tracks_allocations():
     allocated, reserved = peak_memory("cuda")
     assert allocated >= block.numel() and reserved >= allocated
     del block
+
+
+# --- agreement with the baseline -----------------------------------------------------------
+
+@pytest.mark.parametrize(("output", "reference", "position", "share"), [
+    ([1, 2, 3], [1, 2, 3], -1, 1.0),
+    ([1, 9, 3], [1, 2, 3], 1, 2 / 3),
+    ([7, 2, 3], [1, 2, 3], 0, 2 / 3),
+    ([1, 2], [1, 2, 3], 2, 1.0),  # a strict prefix differs at the first missing token
+    ([1, 2, 3, 4], [1, 2, 3], 3, 1.0),
+])
+def test_first_mismatch_and_agreement(output, reference, position, share):
+    from lsbench.metrics import agreement, first_mismatch
+
+    assert first_mismatch(output, reference) == position
+    assert agreement(output, reference) == pytest.approx(share)
+
+
+def test_agreement_of_an_empty_output_is_nan():
+    from lsbench.metrics import agreement
+
+    assert math.isnan(agreement([], [1, 2]))

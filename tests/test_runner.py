@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from lsbench import __version__
 from lsbench.errors import LsbenchError
+from lsbench.jobs import JobSpec, Settings, compare_job, sweep_job
 from lsbench.runner import JobOutcome, ProgressEvent, run_job
-from lsbench.spec import JobSpec, Settings, compare_job, sweep_job
 from lsbench.store import ResultStore
 from tests.conftest import VOCAB_WORDS
 

@@ -179,8 +179,9 @@ def test_checkpoint_has_log_and_heldout_disjoint_from_training(trained):
                                       "hf-early-exit"])
 def test_checkpoint_loads_and_decodes_with_every_strategy(trained, strategy):
     from lsbench.data import build_prompt
+    from lsbench.generation import DecodingConfig
     from lsbench.models import EarlyExitModel, load_model
-    from lsbench.strategies import DecodingConfig, generate
+    from lsbench.strategies import generate
 
     _, first, second = trained
     loaded = load_model(str(first.path), device="cpu")

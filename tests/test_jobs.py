@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsbench.errors import LsbenchError
-from lsbench.spec import (
+from lsbench.jobs import (
     BASELINE,
     JobSpec,
     RunSpec,
@@ -244,7 +244,7 @@ def test_sweep_job_refuses_out_of_range_layers(layers: str) -> None:
 
 
 def test_sweep_job_names_each_bad_layer() -> None:
-    with pytest.raises(LsbenchError, match=r"exit layer\(s\) 5, 9 out of range"):
+    with pytest.raises(LsbenchError, match=r"exit layers 5, 9 out of range"):
         sweep_job(settings(model="org/m", sweep__exit_layers="1,5,9"), 4)
 
 

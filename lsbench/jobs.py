@@ -12,8 +12,8 @@ from typing import Any
 
 from lsbench.data import DatasetSpec
 from lsbench.errors import LsbenchError
-from lsbench.models import resolve_device, resolve_dtype
-from lsbench.strategies import DecodingConfig
+from lsbench.generation import DecodingConfig
+from lsbench.models import check_exit_layers, resolve_device, resolve_dtype
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -240,13 +240,6 @@ def _speculations(s: Settings, section: str, default: list[int]) -> list[int]:
     if any(k < 1 for k in ks):
         raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
     return ks
-
-
-def check_exit_layers(layers: list[int], num_layers: int, model: str) -> None:
-    bad = [e for e in layers if not 1 <= e <= num_layers]
-    if bad:
-        raise LsbenchError(f"exit layer(s) {', '.join(map(str, bad))} out of range: {model} has "
-                           f"{num_layers} layers, choose 1..{num_layers}")
 
 
 def sweep_job(s: Settings, num_layers: int) -> JobSpec:

@@ -1,0 +1,51 @@
+"""What every decoding loop shares: the decoding settings, the record of one generation, and
+the device synchronisation around timers. lsbench's own loops (`strategies`) and transformers'
+reference harness (`hf_reference`) both build on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lsbench.errors import LsbenchError
+from lsbench.models import EarlyExitModel, EvalCounts
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation did, as measured. Rounds are verification rounds."""
+
+    tokens: list[int]
+    prefill_s: float  # prompt processing up to the first new token
+    decode_s: float  # everything after the first new token
+    decode_tokens: int  # tokens emitted after the first one
+    drafted: list[int] = field(default_factory=list)  # per round
+    accepted: list[int] = field(default_factory=list)  # per round
+    prefill_counts: EvalCounts | None = None
+    decode_counts: EvalCounts | None = None
+    draft_prefill_counts: EvalCounts | None = None
+    draft_decode_counts: EvalCounts | None = None
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels so that a timer reads finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompt_tensor(model: EarlyExitModel, prompt_ids: list[int]) -> torch.Tensor:
+    if not prompt_ids:
+        raise LsbenchError("empty prompt")
+    return torch.tensor([prompt_ids], device=model.device)
