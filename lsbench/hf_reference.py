@@ -9,6 +9,7 @@ marks the first new token so that prefill and decode split at the same point as 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import torch
@@ -50,23 +51,45 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
+def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4,
+                              early_exit: int | None = None) -> GenerationConfig:
+    """A complete GenerationConfig that decodes exactly as lsbench's own loops do.
+
+    generate() fills every knob left at None from the checkpoint's generation_config.json and
+    then from its global defaults (top_k=50): each logits processor is therefore set to its
+    explicit "off" value here, and `_neutral_models` hides the checkpoint's config for the
+    knobs whose "off" is None (bad words, forced tokens, suppressions, biases, min_p, ...)."""
+    sampling = cfg.do_sample
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, min_length=0, do_sample=sampling,
+        num_beams=1, num_return_sequences=1, use_cache=True,
+        temperature=cfg.temperature if sampling else 1.0,
+        top_k=cfg.top_k if sampling else 0,  # 0: off (not generate()'s default 50)
+        top_p=cfg.top_p if sampling else 1.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False, remove_invalid_values=False, guidance_scale=1.0,
+        eos_token_id=list(cfg.stop_token_ids) or None,
+        pad_token_id=cfg.stop_token_ids[0] if cfg.stop_token_ids else 0,
+        # Pin the assistant: k tokens every round, no adaptive schedule or early stop
+        # (generate() reads these from the assistant model's own generation_config).
+        num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
+    )
+
+
 @contextlib.contextmanager
-def _pinned_assistant(assistant: torch.nn.Module, k: int):
-    """generate() reads the assistant's settings from the assistant model's own generation
-    config (by default up to 20 tokens, stopping early below 0.4 confidence), not from the
-    config passed to generate(): pin them there, and restore them afterwards."""
-    cfg = assistant.generation_config
-    keys = ("num_assistant_tokens", "num_assistant_tokens_schedule",
-            "assistant_confidence_threshold")
-    saved = {key: getattr(cfg, key, None) for key in keys}
-    cfg.num_assistant_tokens = k
-    cfg.num_assistant_tokens_schedule = "constant"
-    cfg.assistant_confidence_threshold = 0.0  # falsy: no confidence-based early stop
+def _neutral_models(models: list[torch.nn.Module], gen_cfg: GenerationConfig):
+    """Replace each model's own generation_config by `gen_cfg` while generate() runs: both the
+    target's and the assistant's generate() merge it into every knob left at None."""
+    saved = [m.generation_config for m in models]
     try:
+        for m in models:
+            m.generation_config = copy.deepcopy(gen_cfg)
         yield
     finally:
-        for key, value in saved.items():
-            setattr(cfg, key, value)
+        for m, old in zip(models, saved, strict=True):
+            m.generation_config = old
 
 
 class CountingHooks:
@@ -118,28 +141,16 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     elif strategy == "hf-early-exit":
         check_exit_layers([exit_layer], model.num_layers)
         early_exit = exit_layer
-    gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else None,
-        top_k=cfg.top_k if cfg.do_sample and cfg.top_k > 0 else None,
-        top_p=cfg.top_p if cfg.do_sample and cfg.top_p < 1.0 else None,
-        eos_token_id=list(cfg.stop_token_ids) or None,
-        pad_token_id=cfg.stop_token_ids[0] if cfg.stop_token_ids else 0,
-        # Pin the assistant: k tokens every round, no adaptive schedule or early stop.
-        num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
-        assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
-    )
+    gen_cfg = neutral_generation_config(cfg, k=k, early_exit=early_exit)
     prompt = prompt_tensor(model, prompt_ids)
     models = [model] if draft is None else [model, draft]
     clock = _FirstTokenClock(model.device, models)
     torch.manual_seed(cfg.seed)
     start = [m.counts.copy() for m in models]
-    assistant = draft.model if draft is not None else model.model
     with contextlib.ExitStack() as stack:
         for m in models:
             stack.enter_context(CountingHooks(m))
-        if strategy != "hf-ar":
-            stack.enter_context(_pinned_assistant(assistant, k))
+        stack.enter_context(_neutral_models([m.model for m in models], gen_cfg))
         sync(model.device)
         t0 = time.perf_counter()
         output = model.model.generate(prompt, attention_mask=torch.ones_like(prompt),
