@@ -168,6 +168,8 @@ class SelfSpeculator:
             token, q = sampler.pick(logits)
             tokens.append(token)
             probs.append(q)
+            if token in sampler.cfg.stop_token_ids:  # nothing is drafted after a stop token
+                break
         return tokens, probs
 
     def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
@@ -227,6 +229,8 @@ class DraftModelSpeculator:
             token, q = sampler.pick(d.logits(hidden[:, -1:])[0, -1].to(self.model.device))
             tokens.append(token)
             probs.append(q)
+            if token in sampler.cfg.stop_token_ids:  # nothing is drafted after a stop token
+                break
             new = [token]
         return tokens, probs
 
@@ -242,14 +246,17 @@ class DraftModelSpeculator:
 
 
 def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
-           sampler: Sampler) -> tuple[int, int]:
-    """(accepted drafts, next token) from the full model's logits at each drafted position."""
+           sampler: Sampler) -> tuple[int, int | None]:
+    """(accepted drafts, next token) from the full model's logits at each drafted position.
+    The next token is None when every draft is accepted and the last one is a stop token:
+    generation ends there, so the bonus token is neither computed nor emitted."""
+    stop_last = bool(drafts) and drafts[-1] in sampler.cfg.stop_token_ids
     if sampler.greedy:
         for i, token in enumerate(drafts):
             best = int(target_logits[i].argmax())
             if best != token:
                 return i, best
-        return len(drafts), int(target_logits[len(drafts)].argmax())
+        return len(drafts), None if stop_last else int(target_logits[len(drafts)].argmax())
     for i, token in enumerate(drafts):
         p, q = sampler.probs(target_logits[i]), draft_probs[i]
         # Standard speculative rejection rule: accept with min(1, p/q), else resample from
@@ -258,6 +265,8 @@ def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
             continue
         residual = (p - q).clamp_min(0)
         return i, sampler.draw(residual / residual.sum() if residual.sum() > 0 else p)
+    if stop_last:
+        return len(drafts), None
     return len(drafts), sampler.draw(sampler.probs(target_logits[len(drafts)]))
 
 
@@ -294,16 +303,15 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
         drafts, probs = speculator.draft(committed, budget, sampler)
         n_ok, token = accept(drafts, probs, speculator.verify(committed, drafts), sampler)
-        new = [*drafts[:n_ok], token]
-        for j, t in enumerate(new):  # stop at the first stop token
-            if t in cfg.stop_token_ids:
-                new = new[: j + 1]
-                break
+        # Drafting stops at a stop token, so one can only be the last draft: then the round
+        # emits n_ok tokens instead of n_ok + 1 and generation ends.
+        new = [*drafts[:n_ok], *([] if token is None else [token])]
         committed += new
         out += new
         drafted.append(len(drafts))
         accepted.append(n_ok)
-        speculator.end_round(len(committed) - 1, all_accepted=n_ok == len(drafts))
+        # A round without drafts (the budget's last token) says nothing about acceptance.
+        speculator.end_round(len(committed) - 1, all_accepted=bool(drafts) and n_ok == len(drafts))
         if on_round is not None:
             on_round(cache, committed)
     sync(model.device)

@@ -73,5 +73,5 @@ def replay_deferrals(gen: Generation, exit_layer: int, num_layers: int) -> list[
     for rounds, (d, a) in enumerate(zip(gen.drafted, gen.accepted, strict=True)):
         deferred.append(d > 0 and (exit_layer == num_layers
                                    or defer_last_draft(full, rounds, exit_layer, num_layers)))
-        full += a == d
+        full += d > 0 and a == d  # a round without drafts is not a fully accepted one
     return deferred

@@ -68,3 +68,54 @@ def test_merged_config_is_exactly_lsbenchs(opinionated, sampling):
         expected += ["TopPLogitsWarper"] if sampling.top_p < 1.0 else []
     assert names == sorted(expected)
     assert merged.do_sample == sampling.do_sample
+
+
+# --- stop tokens inside drafts ----------------------------------------------------------------
+
+def _speculative_runs(target: EarlyExitModel):
+    same = EarlyExitModel(target.model)  # the target as its own draft: every draft accepted
+    other = EarlyExitModel(tiny_model(seed=1, num_layers=2))
+    for k in (2, 5):
+        for e in range(1, target.num_layers + 1):
+            yield f"layerskip E={e} k={k}", dict(strategy="layerskip", k=k, exit_layer=e)
+        yield f"spec same k={k}", dict(strategy="spec", k=k, draft=same)
+        yield f"spec other k={k}", dict(strategy="spec", k=k, draft=other)
+
+
+@pytest.mark.parametrize("stop_at", [2, 6, 11])
+def test_drafting_stops_at_stop_tokens_and_counts_add_up(target, stop_at):
+    free = generate("ar", target, PROMPT, DecodingConfig(max_new_tokens=24)).tokens
+    stop = free[stop_at]  # a token the model really emits
+    expected = free[: free.index(stop) + 1]
+    cfg = DecodingConfig(max_new_tokens=24, stop_token_ids=(stop,))
+    assert generate("ar", target, PROMPT, cfg).tokens == expected
+    cut_rounds = 0
+    for name, kw in _speculative_runs(target):
+        gen = generate(kw.pop("strategy"), target, PROMPT, cfg, **kw)
+        assert gen.tokens == expected, name
+        k = kw["k"]
+        assert all(0 <= a <= d <= k for d, a in zip(gen.drafted, gen.accepted, strict=True))
+        # decode_tokens = sum(accepted) + rounds, minus one when the final round ended on an
+        # accepted stop draft (no bonus token after it)
+        cut = sum(gen.accepted) + len(gen.drafted) - gen.decode_tokens
+        assert cut in (0, 1), name
+        if cut:
+            assert gen.accepted[-1] == gen.drafted[-1] > 0, name
+        if name.startswith(("layerskip E=4", "spec same")):  # every draft is accepted here
+            assert gen.drafted == _full_acceptance_rounds(len(expected) - 1, k), name
+            assert gen.accepted == gen.drafted, name
+        cut_rounds += cut
+    assert cut_rounds > 0  # the stop token did land inside drafts
+
+
+def _full_acceptance_rounds(decode_tokens: int, k: int) -> list[int]:
+    """Drafts per round when every draft is accepted and the last decode token is a stop
+    token: k drafts + a bonus per round, and the round that reaches the stop drafts up to it."""
+    rounds, left = [], decode_tokens
+    while left > 0:
+        if left <= k:  # the stop token is drafted: drafting ends there, no bonus token
+            rounds.append(left)
+            break
+        rounds.append(k)
+        left -= k + 1
+    return rounds
