@@ -37,6 +37,7 @@ class Generation:
     decode_counts: EvalCounts | None = None
     draft_prefill_counts: EvalCounts | None = None
     draft_decode_counts: EvalCounts | None = None
+    kv_cache_bytes: int = 0  # bytes of the KV-cache tensors allocated at the run's peak
 
 
 def sync(device: torch.device | str) -> None:

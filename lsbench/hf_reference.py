@@ -22,6 +22,7 @@ from lsbench.models import (
     EarlyExitModel,
     EvalCounts,
     attended_pairs,
+    cache_bytes,
     check_draft_vocabulary,
     check_exit_layers,
 )
@@ -69,6 +70,7 @@ def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4,
         eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
         length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
         renormalize_logits=False, remove_invalid_values=False, guidance_scale=1.0,
+        return_dict_in_generate=True,  # for the cache it used (kv_cache_bytes)
         eos_token_id=list(cfg.stop_token_ids) or None,
         pad_token_id=cfg.stop_token_ids[0] if cfg.stop_token_ids else 0,
         # Pin the assistant: k tokens every round, no adaptive schedule or early stop
@@ -155,9 +157,10 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         t0 = time.perf_counter()
         output = model.model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                       generation_config=gen_cfg, streamer=clock, **extra)
+        # (the assistant's own cache stays inside generate(): only the target's is counted)
         sync(model.device)
         t2 = time.perf_counter()
-    tokens = output[0, prompt.shape[1]:].tolist()
+    tokens = output.sequences[0, prompt.shape[1]:].tolist()
     t1 = clock.first_at or t2
     first = clock.counts_at_first or [m.counts.copy() for m in models]
     prefill_counts = [f.minus(s) for f, s in zip(first, start, strict=True)]
@@ -167,4 +170,5 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         prefill_counts=prefill_counts[0], decode_counts=decode_counts[0],
         draft_prefill_counts=prefill_counts[1] if draft else None,
         draft_decode_counts=decode_counts[1] if draft else None,
+        kv_cache_bytes=cache_bytes(output.past_key_values),
     )

@@ -40,11 +40,26 @@ class RunSpec:
 
 
 BASELINE = RunSpec("ar")
+HF_BASELINE = RunSpec("hf-ar")  # transformers' generate(): the baseline of every hf-* run
+BASELINES = (BASELINE, HF_BASELINE)
+
+
+def baseline_of(run: RunSpec) -> RunSpec:
+    """The baseline a run's speedup is taken against: the same engine's autoregressive
+    decoding, so that an engine gap never passes for an algorithm's gain."""
+    return HF_BASELINE if run.strategy.startswith("hf-") else BASELINE
+
+
+def with_baselines(runs: list[RunSpec]) -> list[RunSpec]:
+    """`ar` first, then `hf-ar` whenever a transformers reference is measured."""
+    needed = [BASELINE] + [HF_BASELINE] * any(baseline_of(r) == HF_BASELINE for r in runs)
+    return needed + [r for r in runs if r not in needed]
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything that defines a measurement job; `runs[0]` is the autoregressive baseline."""
+    """Everything that defines a measurement job; `runs[0]` is the autoregressive baseline,
+    followed by `hf-ar` when the job has transformers references (see `with_baselines`)."""
 
     name: str
     model: str
@@ -251,9 +266,9 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
         if name not in ("layerskip", "hf-early-exit"):
             raise LsbenchError(f"sweep strategy '{name}' is not an early-exit strategy; "
                                "choose layerskip and/or hf-early-exit")
-    runs = [BASELINE] + [RunSpec(name, e, k) for name in strategies for e in layers
-                         for k in _speculations(s, "sweep", [4])]
-    return _base_job(s, runs, "sweep")
+    runs = [RunSpec(name, e, k) for name in strategies for e in layers
+            for k in _speculations(s, "sweep", [4])]
+    return _base_job(s, with_baselines(runs), "sweep")
 
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
@@ -268,14 +283,14 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
         raise LsbenchError("nothing to compare: give --draft and/or --early-exit")
     ks = _speculations(s, "compare", [4])
     hf = s.typed("compare", "hf_reference", bool, False)
-    runs = [BASELINE]
+    runs: list[RunSpec] = []
     for k in ks:
         runs += [RunSpec("spec", 0, k, d) for d in drafts]
         runs += [RunSpec("layerskip", e, k) for e in layers]
         if hf:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return _base_job(s, runs, "compare")
+    return _base_job(s, with_baselines(runs), "compare")
 
 
 

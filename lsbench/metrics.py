@@ -1,5 +1,5 @@
 """Measurements derived from raw facts: analytic FLOPs from evaluation counts, ROUGE against a
-reference summary, and peak memory.
+reference summary, losslessness verdicts, and memory.
 
 FLOPs are counted, not guessed: `count_flops` multiplies the work the adapter recorded
 (`EvalCounts`) by per-architecture matmul costs read from the model config. The tests check it
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -135,28 +134,79 @@ def rouge_scores(prediction: str, reference: str | None) -> dict[str, float]:
     return {key: float(scores[key].fmeasure) for key in ROUGE_KEYS}
 
 
+# --- losslessness in low precision --------------------------------------------------------
+
+# A flip between two tokens whose float32 logits differ by at most this many units in the
+# last place of the measured dtype (at the logits' magnitude) is a near-tie: batched and
+# one-token passes round differently and may pick either. bf16 has eps = 2^-7, so at a logit
+# of 10 the threshold is 16 * 0.0078 * 10 = 1.25; float32's is 1.9e-5 there.
+NEAR_TIE_ULPS = 16
+VERDICTS = ("exact", "near-tie", "MISMATCH")
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int],
+                          position: int) -> torch.Tensor:
+    """float32 logits for output position `position` (0 = first new token), from one forward
+    of `model` over prompt + output; `position` may be len(output_ids) (the next token)."""
+    ids = [*prompt_ids, *output_ids[:position]]
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits
+    return logits[0, -1].float()
+
+
+def logit_gap(logits: torch.Tensor, baseline_token: int | None, token: int | None
+              ) -> tuple[float, float]:
+    """(margin, scale) at a first mismatch: the gap between the logits of the baseline's token
+    and the row's token there, which is the top-1 minus top-2 margin when the flip is between
+    the two leading tokens; top-1 minus top-2 when one output has ended. `scale` is the larger
+    magnitude of the two logits, for the dtype's resolution at that size."""
+    vocab = logits.shape[-1]
+    if baseline_token is None or token is None or not (0 <= baseline_token < vocab
+                                                       and 0 <= token < vocab):
+        top = torch.topk(logits, 2).values
+        return float(top[0] - top[1]), float(top.abs().max())
+    a, b = float(logits[baseline_token]), float(logits[token])
+    return abs(a - b), max(abs(a), abs(b))
+
+
+def near_tie_threshold(dtype: torch.dtype, scale: float) -> float:
+    """NEAR_TIE_ULPS units in the last place of `dtype` at magnitude `scale` (at least 1)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return NEAR_TIE_ULPS * eps * max(abs(scale), 1.0)
+
+
+def lossless_verdict(margin: float, scale: float, dtype: torch.dtype) -> str:
+    """'near-tie' when the first mismatch flips tokens closer than the dtype can resolve,
+    'MISMATCH' otherwise ('exact' rows never get here)."""
+    return "near-tie" if margin <= near_tie_threshold(dtype, scale) else "MISMATCH"
+
+
 # --- memory -------------------------------------------------------------------------------
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
 
 def _is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory window on CUDA. The CPU's peak RSS cannot be reset: it stays the
-    process-lifetime maximum."""
-    if _is_cuda(device):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def start_memory_window(device: torch.device | str) -> int | None:
+    """Bytes allocated now on a CUDA device, with its peak statistics reset; None elsewhere
+    (the CPU has no allocator statistics, and a process-lifetime RSS says nothing per run)."""
+    if not _is_cuda(device):
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def peak_memory(device: torch.device | str) -> tuple[int, int]:
-    """(allocated, reserved) peak bytes: the CUDA caching allocator's peaks since the last
-    reset; on CPU the process's peak resident set size and 0 (no allocator to reserve)."""
-    if _is_cuda(device):
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    import resource  # POSIX only; imported here so that the module loads everywhere
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    return (maxrss if sys.platform == "darwin" else maxrss * 1024), 0
+def peak_memory_delta(device: torch.device | str, before: int | None) -> int | None:
+    """Peak bytes allocated since `start_memory_window` minus what was allocated then: what
+    the run itself needed on top of the loaded models. None off CUDA."""
+    if before is None or not _is_cuda(device):
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before

@@ -420,6 +420,20 @@ class GrowingLayer(DynamicLayer):
         self.length = 0
 
 
+def cache_bytes(*caches) -> int:
+    """Bytes of the tensors the caches' layers hold, over-allocated capacity included (a
+    cropped layer keeps its storage): what the cache really occupies."""
+    storages: dict[int, int] = {}
+    for cache in caches:
+        for layer in getattr(cache, "layers", None) or []:
+            for name in ("_k", "_v", "keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.numel():
+                    storage = t.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def crop_cache(cache: Cache, length: int) -> None:
     """Drop every layer's entries past `length` (the rollback after verification)."""
     for i, layer in enumerate(cache.layers):

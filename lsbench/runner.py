@@ -1,18 +1,26 @@
-"""Runs a JobSpec: loads models once, warms up, then measures every run on every example,
-baseline first for each example so that drift hits all strategies alike. Each measured
-generation becomes one row, stored atomically as soon as it exists. Never prints: progress
-goes to a callback."""
+"""Runs a JobSpec: loads models once, warms up, then measures unit by unit. A unit is one
+example with all its runs for one repeat, in an order shuffled per unit with the job's seed
+(baselines included), so that position effects (cache warmth, thermal drift) favour no run.
+Every speedup is taken against a baseline of the same engine measured in the same process on
+the same device: `ar` for lsbench's loops, `hf-ar` for transformers' references. A unit's rows
+are stored atomically once the unit is measured. Never prints: progress goes to a callback.
+
+The interface a launcher builds on: `prepare_job`, `warm_up`, `pending_units`, `measure_unit`;
+`run_job` is the single-process entry point built from them."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import math
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import transformers
 
@@ -20,15 +28,19 @@ from lsbench import __version__
 from lsbench.data import Example, Prompt, build_prompt, check_dataset, load_examples
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation
-from lsbench.jobs import JobSpec, RunSpec
+from lsbench.jobs import BASELINES, JobSpec, RunSpec, baseline_of
 from lsbench.metrics import (
     FlopModel,
     agreement,
     count_flops,
     first_mismatch,
-    peak_memory,
-    reset_peak_memory,
+    logit_gap,
+    lossless_verdict,
+    peak_memory_delta,
     rouge_scores,
+    start_memory_window,
+    teacher_forced_logits,
+    weight_bytes,
 )
 from lsbench.models import (
     EarlyExitModel,
@@ -36,10 +48,15 @@ from lsbench.models import (
     load_model,
     locate_model,
 )
+from lsbench.schema import SCHEMA_VERSION
 from lsbench.store import ResultStore
 from lsbench.strategies import generate
 
 WARMUP_TOKENS = 16  # warm-up generations are short: they only need every kernel shape once
+# What must be equal for two rows to be compared (beyond the run id: model, data, decoding,
+# dtype, device). Resume refuses a file whose rows of this job differ in any of them.
+ENV_KEYS = ("threads", "lsbench_version", "git_commit", "torch_version", "transformers_version",
+            "device_name", "draft_revision")
 
 
 @dataclass(frozen=True)
@@ -130,71 +147,218 @@ def _generate(loaded: _Loaded, run: RunSpec, prompt: list[int], cfg: DecodingCon
                     exit_layer=run.exit_layer or None, draft=draft)
 
 
-def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
-            on_progress: Callable[[ProgressEvent], None] | None = None) -> JobOutcome:
-    """Measure every (repeat, example, run) not already in `store`."""
-    emit = on_progress or (lambda _event: None)
-    validate(job)
+# --- the agreed runner interface (one process measures whole units) -------------------------
+
+@dataclass
+class PreparedJob:
+    """Everything a process needs to measure units of a job."""
+
+    job: JobSpec
+    examples: list[Example]
+    prompts: list[Prompt]
+    fingerprint: str
+    cfg: DecodingConfig  # job.decoding + stop tokens
+    env: dict  # environment(...) metadata of THIS process
+    loaded: _Loaded  # target (+ drafts) loaded once
+    reference: torch.nn.Module | None = None  # float32 twin of the target, made on demand
+
+
+def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
+    """Load the data and the models once. (`device_map` is accepted for launchers that place
+    a model over several devices; a single-device load ignores it.)"""
     if job.threads:
         torch.set_num_threads(job.threads)
-    run_ids = [job.run_id(r) for r in job.runs]
-    if force:
-        store.drop_runs(set(run_ids))
-    emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
     examples, fingerprint = load_examples(job.dataset)
     loaded = _load(job)
     tokenizer = loaded.target.tokenizer
     prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
-    stops = stop_token_ids(loaded.target)
-    cfg = DecodingConfig(**{**job.decoding.__dict__, "stop_token_ids": stops})
+    cfg = DecodingConfig(**{**job.decoding.__dict__,
+                            "stop_token_ids": stop_token_ids(loaded.target)})
     env = environment(loaded.adapter.device, loaded.adapter.dtype)
+    return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
+
+
+def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec]) -> None:
+    """`job.warmup` short, unmeasured generations of every run before any timing."""
+    cfg = prepared.cfg
+    warm_cfg = DecodingConfig(**{**cfg.__dict__,
+                                 "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
+    for run in dict.fromkeys(runs):
+        for _ in range(prepared.job.warmup):
+            _generate(prepared.loaded, run, prepared.prompts[0].ids, warm_cfg)
+
+
+def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
+                  ) -> list[tuple[int, int]]:
+    """(example_index, repeat) of every unit with a run not stored yet, repeat-major."""
+    run_ids = [job.run_id(r) for r in job.runs]
+    return [(i, rep) for rep in range(job.repeats) for i, ex in enumerate(example_ids)
+            if any((rid, ex, rep) not in done for rid in run_ids)]
+
+
+def unit_order(job: JobSpec, example_index: int, repeat: int) -> list[RunSpec]:
+    """All runs of a unit, baselines included, in an order shuffled by a generator seeded with
+    (job seed, example index, repeat): reproducible, and no run always goes first."""
+    rng = np.random.default_rng([job.decoding.seed, example_index, repeat])
+    return [job.runs[i] for i in rng.permutation(len(job.runs))]
+
+
+def measure_unit(prepared: PreparedJob, example_index: int, repeat: int,
+                 done: set[tuple[str, str, int]], stored_baselines: dict,
+                 on_run: Callable[[RunSpec], None] | None = None) -> Iterator[dict]:
+    """Measure every pending run of one (example, repeat) in the unit's shuffled order, then
+    yield one row per measured run. Rows are yielded once the whole unit is measured: the
+    baselines that speedup and losslessness are taken against must exist first (a kill loses
+    at most the unit in flight). A baseline already stored (`stored_baselines`, keyed by
+    (run_id, example_id, repeat)) is used only when it was measured in this environment."""
+    job, loaded = prepared.job, prepared.loaded
+    ex, prompt = prepared.examples[example_index], prepared.prompts[example_index]
+    order = unit_order(job, example_index, repeat)
+    measured: dict[RunSpec, tuple[int, Generation, int | None]] = {}
+    for position, run in enumerate(order):
+        if (job.run_id(run), ex.example_id, repeat) in done:
+            continue
+        before = start_memory_window(loaded.adapter.device)
+        gen = _generate(loaded, run, prompt.ids, prepared.cfg)
+        measured[run] = (position, gen, peak_memory_delta(loaded.adapter.device, before))
+        if on_run is not None:
+            on_run(run)
+    baselines = {}
+    for base in {baseline_of(run) for run in measured}:
+        if base in measured:
+            gen = measured[base][1]
+            baselines[base] = {"ms_per_token": _ms_per_token(gen), "output_ids": gen.tokens}
+        else:
+            stored = stored_baselines.get((job.run_id(base), ex.example_id, repeat))
+            if stored is not None and _same_environment(stored, prepared.env):
+                baselines[base] = stored
+    for run, (position, gen, mem_delta) in measured.items():
+        yield _row(prepared, run, example_index, repeat, position, gen, mem_delta,
+                   baselines.get(baseline_of(run)))
+
+
+def stored_baselines(job: JobSpec, df: pd.DataFrame) -> dict[tuple[str, str, int], dict]:
+    """Baseline rows of this job already in the results file (resume), with their environment."""
+    ids = {job.run_id(r) for r in job.runs if r in BASELINES}
+    df = df[df.run_id.isin(ids)]
+    return {(r["run_id"], r["example_id"], int(r["repeat"])):
+            {"ms_per_token": r["ms_per_token"], "output_ids": list(r["output_ids"]),
+             **{k: r[k] for k in ENV_KEYS}}
+            for r in df.to_dict("records")}
+
+
+def check_resume_environment(job: JobSpec, df: pd.DataFrame, prepared: PreparedJob,
+                             path: object) -> None:
+    """Refuse, in one line, to add rows to runs stored under another environment."""
+    ids = {job.run_id(r): r for r in job.runs}
+    mine = df[df.run_id.isin(ids)]
+    for row in mine.to_dict("records"):
+        expected = {**prepared.env, "draft_revision": _draft_revision(prepared.loaded,
+                                                                      ids[row["run_id"]])}
+        for key in ENV_KEYS:
+            if _norm(row.get(key)) != _norm(expected[key]):
+                raise LsbenchError(
+                    f"results file {path} holds rows of this job measured with {key} "
+                    f"{row.get(key)!r}, this process has {expected[key]!r}; rows from two "
+                    "environments are never compared: rerun with --force to measure them "
+                    "again, or choose another --out")
+
+
+def _norm(value: object) -> object:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return int(value) if isinstance(value, (int, np.integer)) else str(value)
+
+
+def _same_environment(stored: dict, env: dict) -> bool:
+    return all(_norm(stored.get(k)) == _norm(env[k]) for k in ENV_KEYS if k in env)
+
+
+def _draft_revision(loaded: _Loaded, run: RunSpec) -> str:
+    return (loaded.drafts[run.draft_model][0].revision or "") if run.draft_model else ""
+
+
+def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
+            on_progress: Callable[[ProgressEvent], None] | None = None) -> JobOutcome:
+    """Measure every (repeat, example, run) not already in `store`, unit by unit."""
+    emit = on_progress or (lambda _event: None)
+    validate(job)
+    run_ids = [job.run_id(r) for r in job.runs]
+    if force:
+        store.drop_runs(set(run_ids))
+    elif store.schema_version < SCHEMA_VERSION:
+        raise LsbenchError(f"results file {store.path} was written with schema version "
+                           f"{store.schema_version}, this lsbench writes {SCHEMA_VERSION}; "
+                           "resuming would mix the two: rerun with --force (rewrites the file "
+                           "as version 2) or choose another --out")
+    emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
+    prepared = prepare_job(job)
+    rows = store.rows()
+    if not force:
+        check_resume_environment(job, rows, prepared, store.path)
 
     done_keys = store.completed_keys()
-    plan = [(rep, i, run) for rep in range(job.repeats) for i in range(len(examples))
-            for run in job.runs]
-    pending = [p for p in plan
-               if (job.run_id(p[2]), examples[p[1]].example_id, p[0]) not in done_keys]
-    total, done = len(plan), len(plan) - len(pending)
+    example_ids = [ex.example_id for ex in prepared.examples]
+    units = pending_units(job, example_ids, done_keys)
+    total = job.repeats * len(example_ids) * len(job.runs)
+    pending = [(rep, ex, run) for i, rep in units for ex in [example_ids[i]] for run in job.runs
+               if (job.run_id(run), ex, rep) not in done_keys]
+    done = total - len(pending)
 
     # Warm-up: every pending configuration runs a few short generations before any timing.
-    warm_cfg = DecodingConfig(**{**cfg.__dict__, "max_new_tokens": min(cfg.max_new_tokens,
-                                                                         WARMUP_TOKENS)})
     for run in dict.fromkeys(p[2] for p in pending):
-        for _ in range(job.warmup):
-            emit(ProgressEvent("warmup", done, total, run.label))
-            _generate(loaded, run, prompts[0].ids, warm_cfg)
+        emit(ProgressEvent("warmup", done, total, run.label))
+        warm_up(prepared, [run])
 
-    baselines = _stored_baselines(store, run_ids[0])
-    for rep, i, run in pending:
-        ex, prompt = examples[i], prompts[i]
-        what = f"{run.label} · example {i + 1}/{len(examples)}"
+    baselines = stored_baselines(job, rows)
+    for i, rep in units:
+        what = f"example {i + 1}/{len(example_ids)}, repeat {rep + 1}"
+
+        def measured(run: RunSpec, what: str = what) -> None:
+            nonlocal done
+            done += 1
+            emit(ProgressEvent("measure", done, total, f"{run.label} · {what}"))
+
         emit(ProgressEvent("measure", done, total, what))
-        reset_peak_memory(loaded.adapter.device)
-        gen = _generate(loaded, run, prompt.ids, cfg)
-        memory = peak_memory(loaded.adapter.device)
-        row = _row(job, run, job.run_id(run), ex, i, rep, prompt, gen, loaded, fingerprint, env,
-                   memory, baselines.get((ex.example_id, rep)))
-        if run == job.runs[0]:
-            baselines[(ex.example_id, rep)] = row
-        store.append([row])
-        done += 1
-        emit(ProgressEvent("measure", done, total, what))
+        store.append(list(measure_unit(prepared, i, rep, done_keys, baselines, on_run=measured)))
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(len(pending), total - len(pending))
 
 
-def _stored_baselines(store: ResultStore, baseline_id: str) -> dict[tuple[str, int], dict]:
-    """Baseline rows measured by an earlier, interrupted invocation (resume)."""
-    df = store.rows()
-    df = df[df.run_id == baseline_id]
-    return {(r["example_id"], int(r["repeat"])): {"ms_per_token": r["ms_per_token"],
-                                                   "output_ids": list(r["output_ids"])}
-            for r in df.to_dict("records")}
+def _ms_per_token(gen: Generation) -> float:
+    return 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
 
 
-def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repeat: int,
-         prompt: Prompt, gen: Generation, loaded: _Loaded, fingerprint: str, env: dict,
-         memory: tuple[int, int], baseline: dict | None) -> dict:
+def _reference_model(prepared: PreparedJob) -> torch.nn.Module:
+    """The target in float32 (or wider) for recomputing margins; copied once, on demand."""
+    model = prepared.loaded.target.model
+    if torch.finfo(prepared.loaded.adapter.dtype).bits >= 32:
+        return model
+    if prepared.reference is None:
+        prepared.reference = copy.deepcopy(model).to(torch.float32)
+    return prepared.reference
+
+
+def _losslessness(prepared: PreparedJob, prompt: Prompt, tokens: list[int],
+                  base_ids: list[int] | None) -> dict:
+    """first_mismatch, mismatch_margin and lossless_verdict against the baseline's output."""
+    if base_ids is None:
+        return {"first_mismatch": None, "mismatch_margin": math.nan, "lossless_verdict": None}
+    pos = first_mismatch(tokens, base_ids)
+    margin = math.nan
+    verdict = "exact" if pos < 0 else None
+    if pos >= 0 and not prepared.job.decoding.do_sample:  # sampled outputs differ by design
+        logits = teacher_forced_logits(_reference_model(prepared), prompt.ids, base_ids, pos)
+        margin, scale = logit_gap(logits, base_ids[pos] if pos < len(base_ids) else None,
+                                  tokens[pos] if pos < len(tokens) else None)
+        verdict = lossless_verdict(margin, scale, prepared.loaded.adapter.dtype)
+    return {"first_mismatch": pos, "mismatch_margin": margin, "lossless_verdict": verdict}
+
+
+def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position: int,
+         gen: Generation, mem_delta: int | None, baseline: dict | None) -> dict:
+    job, loaded, env = prepared.job, prepared.loaded, prepared.env
+    ex, prompt = prepared.examples[index], prepared.prompts[index]
     target = loaded.target
     draft = loaded.drafts[run.draft_model] if run.draft_model else None
     text = target.tokenizer.decode(gen.tokens, skip_special_tokens=True)
@@ -215,21 +379,22 @@ def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repea
     if draft is not None and gen.draft_decode_counts is not None:
         flops_prefill += count_flops(draft[2], gen.draft_prefill_counts)
         flops_decode += count_flops(draft[2], gen.draft_decode_counts)
-    ms_per_token = 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
-    base_ms = baseline["ms_per_token"] if baseline else ms_per_token if run == job.runs[0] else None
-    base_ids = baseline["output_ids"] if baseline else gen.tokens if run == job.runs[0] else None
+    ms_per_token = _ms_per_token(gen)
+    base_ms = baseline["ms_per_token"] if baseline else None
+    base_ids = baseline["output_ids"] if baseline else None
     total_s = gen.prefill_s + gen.decode_s
+    weights = weight_bytes(target.model) + (weight_bytes(draft[0].model) if draft else 0)
     return {
-        "run_id": run_id, "sweep_name": job.name, "sweep_file": job.sweep_file,
-        "strategy": run.strategy, "is_baseline": run == job.runs[0],
+        "run_id": job.run_id(run), "sweep_name": job.name, "sweep_file": job.sweep_file,
+        "strategy": run.strategy, "is_baseline": run in BASELINES,
         "model": job.model, "model_revision": target.revision or "",
         "model_num_layers": loaded.adapter.num_layers, "model_params": target.num_parameters,
         "draft_model": run.draft_model, "draft_num_layers": draft[1].num_layers if draft else 0,
         "draft_params": draft[0].num_parameters if draft else 0,
         "exit_layer": run.exit_layer, "num_speculations": k,
         "dataset": job.dataset.name, "dataset_split": job.dataset.split,
-        "dataset_fingerprint": fingerprint, "example_id": ex.example_id,
-        "example_index": index, "repeat": repeat,
+        "dataset_fingerprint": prepared.fingerprint, "example_id": ex.example_id,
+        "example_index": index, "repeat": repeat, "position_in_example": position,
         "do_sample": job.decoding.do_sample, "temperature": job.decoding.temperature,
         "top_k": job.decoding.top_k, "top_p": job.decoding.top_p, "seed": job.decoding.seed,
         "max_new_tokens": job.decoding.max_new_tokens, "prompt_format": prompt.format,
@@ -257,12 +422,15 @@ def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repea
         "flops_prefill": flops_prefill, "flops_decode": flops_decode,
         "flops_per_output_token": (flops_decode / gen.decode_tokens if gen.decode_tokens
                                    else math.nan),
-        "peak_mem_bytes": memory[0], "peak_mem_reserved_bytes": memory[1],
+        "weight_bytes": weights, "kv_cache_bytes": gen.kv_cache_bytes,
+        "peak_mem_delta_bytes": mem_delta,
         **rouge_scores(text, ex.reference),
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
         "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
         "matches_baseline": gen.tokens == base_ids if base_ids is not None else None,
-        "first_mismatch": first_mismatch(gen.tokens, base_ids) if base_ids is not None else None,
+        **_losslessness(prepared, prompt, gen.tokens, base_ids),
         "agreement": agreement(gen.tokens, base_ids) if base_ids is not None else math.nan,
+        "baseline_strategy": baseline_of(run).strategy,
+        "draft_revision": _draft_revision(loaded, run),
         **env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

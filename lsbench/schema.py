@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns of older versions that this one no longer has: dropped when such a file is read.
+# (Columns an older file lacks are read as nulls.)
+REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
 
 # (name, arrow type, meaning)
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -14,7 +17,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("sweep_name", pa.string(), "name of the sweep or compare job"),
     ("sweep_file", pa.string(), "sweep file the run came from, empty when none"),
     ("strategy", pa.string(), "ar | spec | layerskip | hf-ar | hf-assisted | hf-early-exit"),
-    ("is_baseline", pa.bool_(), "true for the autoregressive baseline of this job"),
+    ("is_baseline", pa.bool_(), "true for an autoregressive baseline: ar (lsbench) or hf-ar "
+     "(transformers)"),
     ("model", pa.string(), "target model as given (embedded name, hub id, directory, .gguf)"),
     ("model_revision", pa.string(), "hub commit or revision when known"),
     ("model_num_layers", pa.int64(), "decoder layers L of the target"),
@@ -30,6 +34,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("example_id", pa.string(), "stable id of the example within the dataset"),
     ("example_index", pa.int64(), "position of the example in the selection"),
     ("repeat", pa.int64(), "repeat number, 0-based (warm-up runs are never stored)"),
+    ("position_in_example", pa.int64(), "0-based place of this run in its (example, repeat) "
+     "unit's measuring order, shuffled with (seed, example_index, repeat)"),
     ("do_sample", pa.bool_(), "false: greedy; true: sampling"),
     ("temperature", pa.float64(), "sampling temperature"),
     ("top_k", pa.int64(), "top-k filter, 0 off"),
@@ -69,18 +75,30 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),
     ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + draft"),
     ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens"),
-    ("peak_mem_bytes", pa.int64(), "peak accelerator memory allocated, or peak RSS on CPU"),
-    ("peak_mem_reserved_bytes", pa.int64(), "peak accelerator memory reserved (0 on CPU)"),
+    ("weight_bytes", pa.int64(), "bytes of the weights the strategy uses: target, plus the "
+     "draft model where it has one"),
+    ("kv_cache_bytes", pa.int64(), "bytes of the KV-cache tensors allocated at the run's peak "
+     "(capacity included; the draft model's cache too; hf-*: the target's cache only)"),
+    ("peak_mem_delta_bytes", pa.int64(), "CUDA: peak allocated during the run minus allocated "
+     "before it; null on CPU (no allocator statistics)"),
     ("rouge1", pa.float64(), "ROUGE-1 F1 vs the reference (stemmed), NaN without reference"),
     ("rouge2", pa.float64(), "ROUGE-2 F1 vs the reference, NaN without reference"),
     ("rougeL", pa.float64(), "ROUGE-L F1 vs the reference, NaN without reference"),
+    ("baseline_strategy", pa.string(), "the baseline this row is compared with: ar for "
+     "lsbench's strategies, hf-ar for transformers' (same example, repeat and process)"),
     ("baseline_ms_per_token", pa.float64(), "ms_per_token of the baseline on the same example"),
     ("speedup", pa.float64(), "baseline_ms_per_token / ms_per_token"),
     ("matches_baseline", pa.bool_(), "output identical to the baseline's (meaningful for greedy)"),
     ("first_mismatch", pa.int64(), "first output position that differs from the baseline's, "
      "-1 when identical (the shorter length when one is a prefix of the other)"),
+    ("mismatch_margin", pa.float64(), "float32 logit gap at first_mismatch between the "
+     "baseline's and this row's token (top-1 minus top-2 when one output ended), from a "
+     "teacher-forced pass of the target over prompt + baseline output; NaN when identical"),
+    ("lossless_verdict", pa.string(), "exact | near-tie (margin <= 16 ulps of the dtype at "
+     "the logits' magnitude) | MISMATCH; null when sampling or without a baseline"),
     ("agreement", pa.float64(), "share of positions, up to the shorter output, equal to the "
      "baseline's output at the same position"),
+    ("draft_revision", pa.string(), "hub commit or revision of the draft model when known"),
     # metadata
     ("lsbench_version", pa.string(), "lsbench version"),
     ("git_commit", pa.string(), "lsbench git commit when available"),

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from lsbench import __version__
 from lsbench.errors import LsbenchError, one_line
-from lsbench.schema import ARROW_SCHEMA, COLUMN_NAMES, SCHEMA_VERSION
+from lsbench.schema import ARROW_SCHEMA, COLUMN_NAMES, REMOVED_COLUMNS, SCHEMA_VERSION
 
 METADATA_KEY = b"lsbench"
 CREATED_BY = f"lsbench {__version__}"
@@ -61,8 +61,11 @@ def _load(path: Path) -> tuple[pa.Table, dict]:
         raise _Refused(f"was written by a newer lsbench (schema version {version}, this lsbench "
                        f"reads up to {SCHEMA_VERSION}); upgrade lsbench")
     names = pf.schema_arrow.names
+    legacy = version < SCHEMA_VERSION
+    if legacy:  # an older lsbench's file: its removed columns go, new ones read as nulls
+        names = [c for c in names if c not in REMOVED_COLUMNS]
     missing = [c for c in COLUMN_NAMES if c not in names]
-    if missing:
+    if missing and not legacy:
         raise _Refused(f"lacks lsbench columns ({', '.join(missing[:5])}"
                        f"{', ...' if len(missing) > 5 else ''})")
     extra = [c for c in names if c not in _KNOWN_COLUMNS]
@@ -70,7 +73,11 @@ def _load(path: Path) -> tuple[pa.Table, dict]:
         # Rewriting would silently drop them, so treat the file as not ours.
         raise _Refused(f"has columns lsbench does not know ({', '.join(extra[:5])})")
     try:
-        table = pf.read(columns=COLUMN_NAMES).cast(ARROW_SCHEMA)
+        table = pf.read(columns=[c for c in COLUMN_NAMES if c in names])
+        for name in missing:
+            field = ARROW_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        table = table.select(COLUMN_NAMES).cast(ARROW_SCHEMA)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise _Refused(f"is corrupt or has wrong column types ({one_line(e)})") from e
     return table, meta
@@ -115,6 +122,7 @@ class ResultStore:
         self._keys: set[tuple[str, str, int]] = set()
         self._created_by = CREATED_BY
         self._stat: tuple[int, int, int] | None = None
+        self.schema_version = SCHEMA_VERSION  # of the file as read (older: resume refused)
         self._current()  # validate now, before any benchmarking time is spent
         self._remove_stale_temps()
 
@@ -136,6 +144,7 @@ class ResultStore:
                                    "(left unchanged) — choose another --out") from None
         self._set(table, key)
         self._created_by = meta.get("created_by", CREATED_BY)
+        self.schema_version = meta.get("schema_version", SCHEMA_VERSION)
         return table
 
     def _set(self, table: pa.Table, key: tuple[int, int, int] | None) -> None:
@@ -212,6 +221,7 @@ class ResultStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         self._set(table.replace_schema_metadata(None), _stat_key(self.path))
+        self.schema_version = SCHEMA_VERSION
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files of our naming pattern left by killed writers (never the real file)."""

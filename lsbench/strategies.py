@@ -17,7 +17,13 @@ import torch
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.hf_reference import HF_STRATEGIES, generate_hf
-from lsbench.models import EarlyExitModel, check_draft_vocabulary, check_exit_layers, crop_cache
+from lsbench.models import (
+    EarlyExitModel,
+    cache_bytes,
+    check_draft_vocabulary,
+    check_exit_layers,
+    crop_cache,
+)
 
 STRATEGIES = ("ar", "spec", "layerskip", *HF_STRATEGIES)
 
@@ -91,7 +97,8 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     t2 = time.perf_counter()
     return Generation(out, t1 - t0, t2 - t1, len(out) - 1,
                       prefill_counts=counts1.minus(counts0),
-                      decode_counts=model.counts.minus(counts1))
+                      decode_counts=model.counts.minus(counts1),
+                      kv_cache_bytes=cache_bytes(cache))
 
 
 # --- speculative decoding: one propose/verify loop, two drafters ----------------------------
@@ -321,6 +328,8 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         prefill_counts=c1.minus(c0), decode_counts=model.counts.minus(c1),
         draft_prefill_counts=d1.minus(d0) if d0 else None,
         draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
+        # Buffers only grow (a rollback is a view), so the end is the peak.
+        kv_cache_bytes=cache_bytes(cache, getattr(speculator, "draft_cache", None)),
     )
 
 

@@ -11,9 +11,11 @@ import torch
 from lsbench.errors import LsbenchError
 from lsbench.jobs import (
     BASELINE,
+    HF_BASELINE,
     JobSpec,
     RunSpec,
     Settings,
+    baseline_of,
     compare_job,
     parse_int_list,
     sweep_job,
@@ -252,8 +254,14 @@ def test_sweep_job_hf_early_exit() -> None:
     job = sweep_job(settings(model="org/m", sweep__exit_layers="2,4",
                              sweep__num_speculations="3",
                              sweep__strategies=["layerskip", "hf-early-exit"]), 8)
-    assert job.runs == (BASELINE, RunSpec("layerskip", 2, 3), RunSpec("layerskip", 4, 3),
-                        RunSpec("hf-early-exit", 2, 3), RunSpec("hf-early-exit", 4, 3))
+    # a transformers reference brings its own engine's baseline, hf-ar, right after ar
+    assert job.runs == (BASELINE, HF_BASELINE, RunSpec("layerskip", 2, 3),
+                        RunSpec("layerskip", 4, 3), RunSpec("hf-early-exit", 2, 3),
+                        RunSpec("hf-early-exit", 4, 3))
+    assert [baseline_of(r) for r in job.runs] == [BASELINE, HF_BASELINE, BASELINE, BASELINE,
+                                                  HF_BASELINE, HF_BASELINE]
+    plain = sweep_job(settings(model="org/m", sweep__exit_layers="2"), 8)
+    assert HF_BASELINE not in plain.runs
 
 
 @pytest.mark.parametrize("strategy", ["spec", "ar", "hf-assisted", "layerskp"])
@@ -280,11 +288,12 @@ def test_compare_job_runs() -> None:
 def test_compare_job_hf_reference_and_single_sides() -> None:
     job = compare_job(settings(model="t/t", compare__drafts=["d/d"], compare__hf_reference=True),
                       16)
-    assert job.runs == (BASELINE, RunSpec("spec", 0, 4, "d/d"),
+    assert job.runs == (BASELINE, HF_BASELINE, RunSpec("spec", 0, 4, "d/d"),
                         RunSpec("hf-assisted", 0, 4, "d/d"))
     job = compare_job(settings(model="t/t", compare__early_exit=[4], compare__hf_reference=True),
                       16)
-    assert job.runs == (BASELINE, RunSpec("layerskip", 4, 4), RunSpec("hf-early-exit", 4, 4))
+    assert job.runs == (BASELINE, HF_BASELINE, RunSpec("layerskip", 4, 4),
+                        RunSpec("hf-early-exit", 4, 4))
 
 
 def test_compare_job_refuses_nothing_to_compare() -> None:

@@ -31,7 +31,14 @@ from transformers import (
 
 from lsbench.generation import DecodingConfig, Generation
 from lsbench.hf_reference import CountingHooks
-from lsbench.metrics import FlopModel, count_flops, peak_memory, reset_peak_memory, rouge_scores
+from lsbench.metrics import (
+    FlopModel,
+    count_flops,
+    peak_memory_delta,
+    rouge_scores,
+    start_memory_window,
+    weight_bytes,
+)
 from lsbench.models import EarlyExitModel, EvalCounts, crop_cache
 from lsbench.strategies import generate_ar, generate_speculative
 from tests.conftest import replay_deferrals, tiny_model
@@ -310,24 +317,28 @@ def test_rouge_empty_prediction_scores_zero():
 
 # --- memory ---------------------------------------------------------------------------------
 
-def test_cpu_peak_memory_is_positive_rss():
-    reset_peak_memory("cpu")
-    allocated, reserved = peak_memory("cpu")
-    assert isinstance(allocated, int) and isinstance(reserved, int)
-    assert allocated > 10 * 2**20  # a process with torch loaded holds well over 10 MiB
-    assert reserved == 0
-    block = torch.ones(64 * 2**20 // 8, dtype=torch.float64)  # touch 64 MiB more
-    assert block.sum() > 0
-    assert peak_memory(torch.device("cpu"))[0] >= allocated
+def test_cpu_has_no_per_run_peak_memory():
+    """No process-lifetime RSS passed off as a per-run figure: CPU rows get null."""
+    before = start_memory_window("cpu")
+    assert before is None and peak_memory_delta("cpu", before) is None
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    model = torch.nn.Linear(10, 4, bias=True).to(torch.bfloat16)
+    assert weight_bytes(model) == (10 * 4 + 4) * 2
+    tied = torch.nn.Sequential(torch.nn.Embedding(8, 3), torch.nn.Linear(3, 8, bias=False))
+    tied[1].weight = tied[0].weight
+    assert weight_bytes(tied) == 8 * 3 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_peak_memory_tracks_allocations():
-    reset_peak_memory("cuda")
+def test_cuda_peak_memory_delta_tracks_the_runs_own_allocations():
+    held = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # not the run's
+    before = start_memory_window("cuda")
     block = torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
-    allocated, reserved = peak_memory("cuda")
-    assert allocated >= block.numel() and reserved >= allocated
-    del block
+    delta = peak_memory_delta("cuda", before)
+    assert block.numel() <= delta < block.numel() + held.numel()
+    del block, held
 
 
 # --- agreement with the baseline -----------------------------------------------------------

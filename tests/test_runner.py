@@ -12,6 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+import lsbench.runner
 from lsbench import __version__
 from lsbench.errors import LsbenchError
 from lsbench.jobs import JobSpec, Settings, compare_job, sweep_job
@@ -244,37 +245,45 @@ def test_resume_after_crash_and_force(tiny_model_dir: Path, data_file: Path, tmp
 
     job = sweep_job(job_settings(tiny_model_dir, data_file, sweep__exit_layers="1,3",
                                  sweep__num_speculations="2"), 4)
-    appended = 0
-    real_append = ResultStore.append
+    calls = 0
+    real_generate = lsbench.runner._generate
 
-    def crash_after_two(self: ResultStore, rows: list[dict]) -> None:
-        nonlocal appended
-        if appended == 2:  # the third generation: layerskip E=3 on the first example
+    def crash_in_second_unit(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the second run of the second (example, repeat) unit
             raise KeyboardInterrupt
-        appended += 1
-        real_append(self, rows)
+        return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(ResultStore, "append", crash_after_two)
+    monkeypatch.setattr(lsbench.runner, "_generate", crash_in_second_unit)
     with pytest.raises(KeyboardInterrupt):
         run_job(job, ResultStore(path))
     monkeypatch.undo()
     before = by_key(ResultStore(path).rows())
-    assert len(before) == 2 + 2
+    assert len(before) == 2 + 3  # the first unit whole, nothing of the one in flight
 
     events: list[ProgressEvent] = []
-    assert run_job(job, ResultStore(path), on_progress=events.append) == JobOutcome(4, 2)
+    assert run_job(job, ResultStore(path), on_progress=events.append) == JobOutcome(3, 3)
     measure = [e for e in events if e.phase == "measure"]
-    assert measure[0].done == 2 and measure[-1].done == measure[-1].total == 6
+    assert measure[0].done == 3 and measure[-1].done == measure[-1].total == 6
     df = ResultStore(path).rows()
     assert len(df) == 2 + 6 and not df.duplicated(KEY).any()
     after = by_key(df)
     assert {k: after[k] for k in before} == before  # nothing measured earlier was touched
     mine = df[df.run_id.isin({job.run_id(r) for r in job.runs})]
     assert len(mine) == 6 and mine.matches_baseline.all()
-    base_ms = mine[mine.is_baseline].set_index("example_id").ms_per_token
-    # rows measured after the crash use the baseline stored before it
-    assert (mine.baseline_ms_per_token == mine.example_id.map(base_ms)).all()
     assert (mine.speedup == mine.baseline_ms_per_token / mine.ms_per_token).all()
+
+    # a run added later is measured against the baseline stored earlier (same environment)
+    wider = sweep_job(job_settings(tiny_model_dir, data_file, sweep__exit_layers="1,2,3",
+                                   sweep__num_speculations="2"), 4)
+    assert run_job(wider, ResultStore(path)) == JobOutcome(2, 6)
+    df = ResultStore(path).rows()
+    base_ms = df[df.run_id == job.run_id(job.runs[0])].set_index("example_id").ms_per_token
+    new = df[df.run_id == wider.run_id(wider.runs[2])]
+    assert len(new) == 2 and (new.baseline_ms_per_token == new.example_id.map(base_ms)).all()
+    ResultStore(path).drop_runs({wider.run_id(wider.runs[2])})
+    after = by_key(ResultStore(path).rows())
 
     # a rerun has nothing left to do and changes nothing
     assert run_job(job, ResultStore(path)) == JobOutcome(0, 6)
