@@ -128,7 +128,7 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
               f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
-              f"baseline first -> {escape(str(path))}", highlight=False)
+              f"in a shuffled order per example -> {escape(str(path))}", highlight=False)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=err, transient=False) as progress:
@@ -156,20 +156,27 @@ def _print_sweep_table(df) -> None:
 
     table = sweep_table(df)
     for (model, dataset), rows in table.groupby(["model", "dataset"], sort=False):
-        t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs "
-                        "autoregressive in the same process", title_justify="left")
-        cols = ["run", "k", "tokens/s", "speedup", "acceptance", "accepted len", "ROUGE-L",
-                "lossless"]
+        t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs the same "
+                        "engine's autoregressive decoding in the same process (95% CI over "
+                        "examples)", title_justify="left")
+        cols = ["run", "k", "tokens/s", "speedup", "vs transformers", "acceptance",
+                "accepted len", "ROUGE-L", "lossless"]
         for c in cols:
-            t.add_column(c, justify="left" if c == "run" else "right")
+            header = {"speedup": "speedup [95% CI]", "vs transformers": "vs HF"}.get(c, c)
+            t.add_column(header, justify="left" if c == "run" else "right")
         for _, row in rows.iterrows():
-            label = {"ar": "autoregressive (baseline)"}.get(row["strategy"], row["draft"])
+            label = {"ar": "autoregressive (baseline)",
+                     "hf-ar": "autoregressive (transformers baseline)"}.get(row["strategy"],
+                                                                           row["draft"])
             if row["strategy"].startswith("hf-") and row["strategy"] != "hf-ar":
                 label = f"{label} (transformers)"
-            cells = [label, "—" if row["strategy"] == "ar" else str(row["k"])]
+            cells = [label, "—" if row["strategy"] in ("ar", "hf-ar") else str(row["k"])]
             cells += [format_cell(c, row[c]) for c in cols[2:-1]]
+            if row["speedup 95% CI"] != "—" and row["strategy"] not in ("ar", "hf-ar"):
+                cells[3] += f" [{row['speedup 95% CI']}]"
             match = row["lossless"]
-            cells.append("—" if match != match else "yes" if match == 1 else f"{match:.0%}")
+            cells.append("—" if match != match else "yes" if match == 1 else
+                         f"{match:.0%} ({row['verdict']})")
             style = "bold green" if row["best"] else ("cyan" if row["strategy"] == "ar" else None)
             t.add_row(*cells, style=style)
         out.print(t)
@@ -179,7 +186,8 @@ def _print_sweep_table(df) -> None:
             verdict = ("faster than" if b["speedup"] > 1 else
                        "every setting is slower than")
             out.print(f"best: {escape(b['draft'])}, k={b['k']} at "
-                      f"{format_cell('speedup', b['speedup'])}: {verdict} autoregressive decoding",
+                      f"{format_cell('speedup', b['speedup'])}: {verdict} its engine's "
+                      "autoregressive decoding",
                       highlight=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import numpy as np
 import pandas as pd
 
 from lsbench.errors import LsbenchError
@@ -23,6 +24,10 @@ CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers"
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
 MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s"]
 NONE = "—"
+BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
+BOOTSTRAP_SEED = 0
+# lsbench's strategy -> transformers' counterpart, for the cross-engine column
+COUNTERPART = {"ar": "hf-ar", "layerskip": "hf-early-exit", "spec": "hf-assisted"}
 
 
 def _group_keys(df: pd.DataFrame) -> list[str]:
@@ -58,11 +63,71 @@ def _match_rate(g: pd.DataFrame) -> float:
     return float(g["matches_baseline"].astype("boolean").fillna(False).mean())
 
 
+def bootstrap_median_ci(values: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile-bootstrap CI of the median, resampling examples with replacement. Each
+    value is already a paired ratio (baseline and run on the same example), so resampling
+    examples keeps the pairs together."""
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    medians = np.median(values[rng.integers(0, len(values), (resamples, len(values)))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _speedup_estimates(g: pd.DataFrame) -> dict[str, float]:
+    """Per-example speedups (median over repeats), their median and bootstrap CI; the ratio of
+    total times; the number of examples."""
+    speedup = _numeric(g, "speedup")
+    per_example = speedup.groupby(g["example_id"]).median().to_numpy(dtype=float)
+    low, high = bootstrap_median_ci(per_example)
+    base_time = (_numeric(g, "baseline_ms_per_token") * _numeric(g, "decode_tokens")).sum()
+    run_time = 1000 * _numeric(g, "decode_s")[speedup.notna()].sum()
+    return {"speedup_example_median": (float(np.nanmedian(per_example))
+                                       if (~np.isnan(per_example)).any() else math.nan),
+            "speedup_ci_low": low, "speedup_ci_high": high,
+            "time_ratio": base_time / run_time if run_time > 0 else math.nan,
+            "n_examples": int(g["example_id"].nunique())}
+
+
+def _verdicts(g: pd.DataFrame) -> dict:
+    if "lossless_verdict" not in g.columns or g["lossless_verdict"].isna().all():
+        return {"verdict": None, "near_ties": 0, "mismatches": 0}
+    v = g["lossless_verdict"].dropna()
+    near, bad = int((v == "near-tie").sum()), int((v == "MISMATCH").sum())
+    return {"verdict": "MISMATCH" if bad else "near-tie" if near else "exact",
+            "near_ties": near, "mismatches": bad}
+
+
+def _cross_engine(summary: pd.DataFrame) -> pd.Series:
+    """lsbench's ms/token ÷ transformers' for the same (E, k) or draft, on both rows of a pair."""
+    out = pd.Series(math.nan, index=summary.index)
+    blocks = [k for k in ("source_file", "model", "dataset", "do_sample") if k in summary]
+    for _, g in summary.groupby(blocks, sort=False, dropna=False):
+        for i, row in g.iterrows():
+            other = COUNTERPART.get(row["strategy"])
+            if other is None:
+                continue
+            match = g[(g["strategy"] == other) & (g["exit_layer"] == row["exit_layer"])
+                      & (g["num_speculations"] == row["num_speculations"])
+                      & (g["draft_model"] == row["draft_model"])]
+            if len(match):
+                ratio = row["ms_per_token_median"] / match["ms_per_token_median"].iloc[0]
+                out[i] = out[match.index[0]] = ratio
+    return out
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run. Columns: the group keys, CARRIED, n, `<m>_median/_p25/_p75` for
     tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted),
     mean_accepted_len, rougeL and match_rate (means), flops_prefill, flops_per_output_token and
-    prefill_s (medians). Each model/dataset block starts with its baseline."""
+    prefill_s (medians); the speedup estimators (`_speedup_estimates`): speedup_example_median
+    with speedup_ci_low/high, time_ratio, n_examples; baseline_strategy; the losslessness
+    verdict (worst of the rows) with near_ties and mismatches; and vs_transformers, lsbench's
+    ms/token over transformers' for the same configuration. Each model/dataset block starts
+    with its baselines."""
     if df.empty:
         raise LsbenchError("no rows to summarize")
     keys = _group_keys(df)
@@ -70,6 +135,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise LsbenchError(f"results lack columns: {', '.join(missing)}")
     rows = df.assign(draft_model=df["draft_model"].fillna(""))
+    # Files of schema version 1 compared every run with ar.
+    base = rows["baseline_strategy"] if "baseline_strategy" in rows else pd.Series(None,
+                                                                                  index=rows.index)
+    rows = rows.assign(baseline_strategy=base.fillna("ar"))
     out = []
     for key, g in rows.groupby(keys, sort=False, dropna=False):
         rec = dict(zip(keys, key, strict=True))
@@ -88,8 +157,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         rec["match_rate"] = _match_rate(g)
         for col in MEDIANS:
             rec[col] = _numeric(g, col).median()
+        rec.update(_speedup_estimates(g))
+        rec["baseline_strategy"] = g["baseline_strategy"].iloc[0]
+        rec.update(_verdicts(g))
         out.append(rec)
     summary = pd.DataFrame(out)
+    summary["vs_transformers"] = _cross_engine(summary)
     order = [k for k in ("source_file", "model", "dataset") if k in keys]
     order += ["_later", "strategy", "draft_model", "exit_layer", "num_speculations", "do_sample"]
     summary["_later"] = ~summary["is_baseline"]
@@ -145,18 +218,29 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
         "exit layer": s["exit_layer"],
         "k": s["num_speculations"],
         "tokens/s": s["tokens_per_s_median"],
-        "speedup": s["speedup_median"],
+        "baseline": s["baseline_strategy"],
+        "speedup": s["speedup_example_median"],
+        "speedup 95% CI": _ci_labels(s),
+        "time ratio": s["time_ratio"],
+        "n": s["n_examples"],
+        "vs transformers": s["vs_transformers"],
         "acceptance": s["acceptance_rate"],
         "accepted len": s["mean_accepted_len"],
         "ROUGE-L": s["rougeL"],
         "lossless": s["match_rate"],
+        "verdict": s["verdict"],
     })
     table["best"] = False
     blocks = [k for k in ("source_file", "model", "dataset") if k in s.columns]
-    candidates = s[~s["is_baseline"] & s["speedup_median"].notna()]
+    candidates = s[~s["is_baseline"] & s["speedup_example_median"].notna()]
     for _, g in candidates.groupby(blocks, sort=False):
-        table.loc[g["speedup_median"].idxmax(), "best"] = True
+        table.loc[g["speedup_example_median"].idxmax(), "best"] = True
     return table
+
+
+def _ci_labels(s: pd.DataFrame) -> list[str]:
+    return [NONE if math.isnan(lo) else f"{lo:.2f}\N{EN DASH}{hi:.2f}"
+            for lo, hi in zip(s["speedup_ci_low"], s["speedup_ci_high"], strict=True)]
 
 
 def blog_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -191,8 +275,14 @@ def blog_table(df: pd.DataFrame) -> pd.DataFrame:
         "acceptance rate": s["acceptance_rate"],
         "mean accepted length": s["mean_accepted_len"],
         "ROUGE-L": s["rougeL"],
-        "speedup": s["speedup_median"],
+        "baseline": s["baseline_strategy"],
+        "speedup": s["speedup_example_median"],
+        "speedup 95% CI": _ci_labels(s),
         "speedup IQR": iqr,
+        "time ratio": s["time_ratio"],
+        "n": s["n_examples"],
+        "vs transformers": s["vs_transformers"],
+        "lossless": s["verdict"],
     })
 
 
@@ -220,7 +310,7 @@ def format_cell(column: str, value) -> str:
         return human_count(value)
     if isinstance(value, Integral):
         return str(value)
-    if "speedup" in name:
+    if "speedup" in name or "ratio" in name or "vs transformers" in name:
         return f"{value:.2f}x"
     if "gflops" in name:
         return _sig(value)

@@ -94,8 +94,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("mismatch_margin", pa.float64(), "float32 logit gap at first_mismatch between the "
      "baseline's and this row's token (top-1 minus top-2 when one output ended), from a "
      "teacher-forced pass of the target over prompt + baseline output; NaN when identical"),
-    ("lossless_verdict", pa.string(), "exact | near-tie (margin <= 16 ulps of the dtype at "
-     "the logits' magnitude) | MISMATCH; null when sampling or without a baseline"),
+    ("lossless_verdict", pa.string(), "exact, near-tie (margin <= 16 ulps of the dtype at "
+     "the logits' magnitude) or MISMATCH; null when sampling or without a baseline"),
     ("agreement", pa.float64(), "share of positions, up to the shorter output, equal to the "
      "baseline's output at the same position"),
     ("draft_revision", pa.string(), "hub commit or revision of the draft model when known"),

@@ -229,3 +229,70 @@ def test_csv_parses_back_with_pandas():
     assert len(back) == len(table)
     assert back["speedup"].tolist() == pytest.approx(table["speedup"].tolist())
     assert back["best"].tolist() == table["best"].tolist()
+
+
+# --- spread, confidence and the two engines (issue 9) ----------------------------------------
+
+def _run_rows(strategy: str, speedups: list[float], *, exit_layer: int = 0, k: int = 0,
+              base: str = "ar", tokens: int = 10, base_ms: float = 10.0, repeat: int = 0,
+              **extra) -> list[dict]:
+    return [make_row(run_id=f"{strategy}-{exit_layer}-{k}", strategy=strategy,
+                     is_baseline=strategy in ("ar", "hf-ar"), model="m", dataset="d",
+                     exit_layer=exit_layer, num_speculations=k, example_id=f"ex{i}",
+                     example_index=i, repeat=repeat, speedup=s, baseline_strategy=base,
+                     baseline_ms_per_token=base_ms, ms_per_token=base_ms / s,
+                     decode_tokens=tokens, decode_s=base_ms / s * tokens / 1000, **extra)
+            for i, s in enumerate(speedups)]
+
+
+def test_speedup_estimators_median_ci_time_ratio_and_n():
+    speedups = [1.0, 1.2, 1.5, 2.0, 3.0]
+    rows = _run_rows("ar", [1.0] * 5) + _run_rows("layerskip", speedups, exit_layer=2, k=3)
+    # a second repeat of the same examples: per-example speedup is the median over repeats
+    rows += _run_rows("layerskip", [s * 1.1 for s in speedups], exit_layer=2, k=3, repeat=1)
+    s = summarize(pd.DataFrame(rows)).set_index("strategy")
+    ls = s.loc["layerskip"]
+    assert ls.n_examples == 5 and ls.n == 10
+    assert ls.speedup_example_median == pytest.approx(1.5 * 1.05)
+    assert ls.speedup_ci_low < ls.speedup_example_median < ls.speedup_ci_high
+    assert ls.speedup_ci_low >= 1.0 * 1.05 and ls.speedup_ci_high <= 3.0 * 1.05
+    base_time = 10 * 10.0 * 10
+    run_time = sum(10.0 / x * 10 + 10.0 / (x * 1.1) * 10 for x in speedups)
+    assert ls.time_ratio == pytest.approx(base_time / run_time)
+    assert (s.loc["ar", ["speedup_ci_low", "speedup_ci_high", "time_ratio"]] == 1.0).all()
+    again = summarize(pd.DataFrame(rows)).set_index("strategy").loc["layerskip"]
+    assert (again.speedup_ci_low, again.speedup_ci_high) == (ls.speedup_ci_low,
+                                                             ls.speedup_ci_high)  # seeded
+    table = blog_table(pd.DataFrame(rows))
+    assert {"speedup 95% CI", "time ratio", "n", "baseline", "vs transformers"} <= set(table)
+    assert "\N{EN DASH}" in table.set_index("strategy").loc["layerskip", "speedup 95% CI"]
+
+
+def test_cross_engine_column_pairs_each_strategy_with_its_transformers_counterpart():
+    rows = (_run_rows("ar", [1.0] * 3, base_ms=10.0)
+            + _run_rows("hf-ar", [1.0] * 3, base="hf-ar", base_ms=11.0)
+            + _run_rows("layerskip", [10 / 6] * 3, exit_layer=2, k=3)
+            + _run_rows("hf-early-exit", [11 / 9] * 3, exit_layer=2, k=3, base="hf-ar",
+                        base_ms=11.0)
+            + _run_rows("layerskip", [2.0] * 3, exit_layer=3, k=3))  # no counterpart
+    s = summarize(pd.DataFrame(rows))
+    vs = {(r.strategy, r.exit_layer): r.vs_transformers for r in s.itertuples()}
+    assert vs[("ar", 0)] == vs[("hf-ar", 0)] == pytest.approx(10 / 11)
+    assert vs[("layerskip", 2)] == vs[("hf-early-exit", 2)] == pytest.approx(6 / 9)
+    assert math.isnan(vs[("layerskip", 3)])
+    table = sweep_table(pd.DataFrame(rows)).set_index(["strategy", "exit layer"])
+    assert table.loc[("hf-early-exit", 2), "baseline"] == "hf-ar"
+    assert table.loc[("layerskip", 2), "baseline"] == "ar"
+    assert table.loc[("hf-early-exit", 2), "speedup"] == pytest.approx(11 / 9)
+    assert not table.loc[("hf-ar", 0), "best"]
+
+
+def test_lossless_verdict_is_the_worst_of_the_rows():
+    rows = (_run_rows("ar", [1.0] * 3, lossless_verdict="exact")
+            + _run_rows("layerskip", [1.0] * 3, exit_layer=2, k=3, lossless_verdict="near-tie")
+            + _run_rows("layerskip", [1.0] * 3, exit_layer=3, k=3, lossless_verdict="MISMATCH"))
+    rows[-1]["lossless_verdict"] = "exact"
+    s = summarize(pd.DataFrame(rows)).set_index("exit_layer")
+    assert s.loc[0, "verdict"] == "exact" and s.loc[2, "verdict"] == "near-tie"
+    assert s.loc[2, "near_ties"] == 3 and s.loc[3, "verdict"] == "MISMATCH"
+    assert s.loc[3, "mismatches"] == 2
