@@ -139,11 +139,20 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         if draft is None:
             raise LsbenchError("hf-assisted needs a draft model")
         check_draft_vocabulary(model, draft)
+        rows = (model.model.lm_head.out_features, draft.model.lm_head.out_features)
+        if rows[0] != rows[1]:
+            raise LsbenchError(
+                f"hf-assisted needs LM heads of one size: transformers' assisted generation "
+                f"treats heads of {rows[0]} and {rows[1]} rows as two tokenizers; "
+                "lsbench's spec handles padded vocabularies")
         extra["assistant_model"] = draft.model
     elif strategy == "hf-early-exit":
         check_exit_layers([exit_layer], model.num_layers)
         early_exit = exit_layer
     gen_cfg = neutral_generation_config(cfg, k=k, early_exit=early_exit)
+    padded = range(model.vocab_size, model.model.lm_head.out_features)
+    if len(padded):  # LM-head rows past the tokenizer: never chosen, as in lsbench's loops
+        gen_cfg.suppress_tokens = list(padded)
     prompt = prompt_tensor(model, prompt_ids)
     models = [model] if draft is None else [model, draft]
     clock = _FirstTokenClock(model.device, models)

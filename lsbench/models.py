@@ -242,7 +242,9 @@ def check_exit_layers(layers: list[int | None], num_layers: int, model: str = "t
 
 
 def check_draft_vocabulary(model: EarlyExitModel, draft: EarlyExitModel) -> None:
-    """The one draft/target compatibility check of the decoding loops."""
+    """The one draft/target compatibility check of the decoding loops: the same number of real
+    tokens (the runner has compared the tokenizers' vocabularies themselves; LM-head padding
+    past the tokenizer does not matter, logits are sliced to it)."""
     if draft.vocab_size != model.vocab_size:
         raise LsbenchError(
             f"draft model vocabulary ({draft.vocab_size} tokens) differs from the target's "
@@ -290,13 +292,17 @@ class EvalCounts:
 class EarlyExitModel:
     """Run any layer range of a decoder-only model against one shared KV cache."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+        """`vocab_size`: the tokenizer's length when known. LM heads are often padded past it
+        (Qwen2.5 0.5B-3B have 151,936 rows, 7B and up 152,064, with one tokenizer): logits are
+        sliced to the real tokens, so padded models pair with unpadded ones."""
         check_architecture(model.config)
         self.model = model
         self.config = model.config
         self.backbone = model.model
         self.num_layers: int = self.config.num_hidden_layers
-        self.vocab_size: int = model.lm_head.out_features
+        head_rows = model.lm_head.out_features
+        self.vocab_size: int = min(vocab_size or head_rows, head_rows)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.layer_types = self._layer_types()
@@ -357,7 +363,7 @@ class EarlyExitModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, applicable after any layer (the early exit)."""
-        out = self.model.lm_head(self.backbone.norm(hidden)).float()
+        out = self.model.lm_head(self.backbone.norm(hidden)).float()[..., : self.vocab_size]
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         self.counts.head_tokens += hidden.shape[1]

@@ -98,8 +98,9 @@ def _load(job: JobSpec) -> _Loaded:
             raise LsbenchError(f"draft model '{name}' uses another tokenizer than '{job.model}'; "
                                "speculative decoding needs the same vocabulary")
         flops = FlopModel.from_config(draft.model.config)
-        drafts[name] = (draft, EarlyExitModel(draft.model), flops)
-    return _Loaded(target, EarlyExitModel(target.model),
+        # One tokenizer, however many LM-head rows each model pads to.
+        drafts[name] = (draft, EarlyExitModel(draft.model, len(draft.tokenizer)), flops)
+    return _Loaded(target, EarlyExitModel(target.model, len(target.tokenizer)),
                    FlopModel.from_config(target.model.config), drafts)
 
 

@@ -119,3 +119,53 @@ def _full_acceptance_rounds(decode_tokens: int, k: int) -> list[int]:
         rounds.append(k)
         left -= k + 1
     return rounds
+
+
+# --- padded vocabularies ----------------------------------------------------------------------
+
+def test_padded_lm_heads_pair_with_one_tokenizer(tiny_model_dir, tmp_path):
+    """A target whose LM head is padded past the tokenizer (like Qwen2.5 7B against 0.5B) and
+    an unpadded draft with the same tokenizer: speculation works and equals ar."""
+    from lsbench.jobs import compare_job
+    from lsbench.runner import run_job
+    from lsbench.store import ResultStore
+    from tests.conftest import VOCAB_WORDS, tiny_tokenizer
+    from tests.test_runner import job_settings, save_truncated, write_jsonl
+
+    padded = tmp_path / "padded"
+    tiny_model(seed=0, dtype=torch.float32, num_layers=4,
+               vocab_size=len(VOCAB_WORDS) + 12).save_pretrained(padded)
+    tiny_tokenizer().save_pretrained(padded)
+    draft = save_truncated(tiny_model_dir, tmp_path / "draft", 2)  # unpadded: 84 rows
+    data = write_jsonl(tmp_path / "a.jsonl")
+    job = compare_job(job_settings(padded, data, compare__drafts=[str(draft)],
+                                   compare__early_exit="2", compare__num_speculations="3"), 4)
+    store = ResultStore(tmp_path / "p.parquet")
+    run_job(job, store)
+    # transformers' early exit on the padded target too (its padded rows suppressed)
+    hf = compare_job(job_settings(padded, data, compare__early_exit="2",
+                                  compare__num_speculations="3", compare__hf_reference=True), 4)
+    run_job(hf, store)
+    df = store.rows()
+    assert set(df.strategy) == {"ar", "hf-ar", "spec", "layerskip", "hf-early-exit"}
+    ar = {r.example_id: list(r.output_ids) for r in df[df.strategy == "ar"].itertuples()}
+    for r in df.itertuples():
+        assert list(r.output_ids) == ar[r.example_id], r.strategy
+        assert max(r.output_ids) < len(VOCAB_WORDS)  # padded rows are never emitted
+
+
+def test_logits_are_sliced_to_the_tokenizer_and_hf_assisted_refuses_padded_pairs():
+    from lsbench.errors import LsbenchError
+
+    padded = tiny_model(seed=0, num_layers=4, vocab_size=96)
+    target = EarlyExitModel(padded, vocab_size=84)
+    assert target.vocab_size == 84
+    hidden = torch.zeros(1, 1, padded.config.hidden_size, dtype=torch.float64)
+    assert target.logits(hidden).shape[-1] == 84
+    assert EarlyExitModel(padded).vocab_size == 96  # no tokenizer known: every head row
+    draft = EarlyExitModel(tiny_model(seed=1, num_layers=2), vocab_size=84)
+    ar = generate("ar", target, PROMPT, GREEDY).tokens
+    assert generate("spec", target, PROMPT, GREEDY, k=3, draft=draft).tokens == ar
+    assert generate("hf-ar", target, PROMPT, GREEDY).tokens == ar
+    with pytest.raises(LsbenchError, match="hf-assisted needs LM heads of one size"):
+        generate("hf-assisted", target, PROMPT, GREEDY, k=3, draft=draft)
