@@ -98,7 +98,8 @@ def _draw_baseline(ax: Axes, rows: pd.DataFrame, metric: str) -> None:
     base = rows[rows["is_baseline"]]
     many = base["do_sample"].nunique() > 1
     for _, b in base.iterrows():
-        label = "autoregressive" + ((" sampled" if b["do_sample"] else " greedy") if many else "")
+        label = "autoregressive" if b["strategy"] == "ar" else f"{b['strategy']} (transformers)"
+        label += (" sampled" if b["do_sample"] else " greedy") if many else ""
         ax.axhline(b["tokens_per_s_median"], color="black", ls="--", lw=1, label=label)
         ax.axhspan(b["tokens_per_s_p25"], b["tokens_per_s_p75"], color="black", alpha=0.1, lw=0)
 
