@@ -358,9 +358,12 @@ def write_scan(result: ScanResult, path: str | Path) -> tuple[Path, Path]:
     return path, trace_path(path)
 
 
-def is_scan_file(path: str | Path) -> bool:
-    try:
-        meta = pq.ParquetFile(path).metadata.metadata or {}
-    except (pa.ArrowException, OSError, ValueError):
-        return False
-    return SCAN_METADATA_KEY in meta and "predicted_speedup" in pq.read_schema(path).names
+
+def verify_job(spec: ScanSpec, points: pd.DataFrame) -> JobSpec:
+    """The ordinary sweep job that times `points` (rows of `scan_report.top_points`): same
+    model, examples, decoding and device as the scan, baseline first."""
+    from lsbench.jobs import RunSpec
+
+    runs = [RunSpec(str(p["strategy"]), int(p["exit_layer"]), int(p["num_speculations"]),
+                    str(p["draft_model"])) for _, p in points.iterrows()]
+    return dataclasses.replace(spec.job, runs=(BASELINE, *dict.fromkeys(runs)))

@@ -1,0 +1,99 @@
+"""`lsbench scan` end to end on the tiny model: files, tables, --verify, report, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lsbench import scan_report
+from lsbench.replay import replay
+from lsbench.scan import trace_path
+from lsbench.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
+from tests.test_cli import assert_refused, invoke
+from tests.test_runner import write_jsonl
+
+
+def scan_args(model: Path, data: Path, out: Path, *extra: object) -> list[object]:
+    return ["scan", "--model", model, "--dataset", f"jsonl:{data}", "--limit", 2,
+            "--max-new-tokens", 10, "-k", "1:3", "--warmup", 0, "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "articles.jsonl")
+
+
+@pytest.fixture(scope="module")
+def scanned(tiny_model_dir: Path, data_file: Path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan") / "tiny.scan.parquet"
+    return out, invoke(*scan_args(tiny_model_dir, data_file, out, "--verify", 1))
+
+
+def test_scan_writes_rows_and_traces(scanned) -> None:
+    out, result = scanned
+    assert result.exit_code == 0, result.output
+    rows = pd.read_parquet(out)
+    assert list(rows.columns) == [c for c, _, _ in SCAN_COLUMNS]
+    layerskip = rows[rows.strategy == "layerskip"]
+    # defaults: every exit layer 1..L-1 of the 4-layer model; k = 1..3 as asked; 2 examples
+    assert sorted(set(layerskip.exit_layer)) == [1, 2, 3]
+    assert sorted(set(layerskip.num_speculations)) == [1, 2, 3]
+    assert len(layerskip) == 2 * 3 * 3
+    assert set(rows.strategy) == {"layerskip", "layerskip-conf"}
+    assert (rows.predicted_speedup > 0).all() and (rows.baseline_ms_per_token > 0).all()
+    traces = pd.read_parquet(trace_path(out))
+    assert list(traces.columns) == [c for c, _, _ in TRACE_COLUMNS]
+    assert len(traces) == 2 * 4  # every exit layer, the full model included
+    # The trace alone replays every row (offline, no model).
+    for _, row in layerskip.iterrows():
+        t = traces[(traces.example_id == row.example_id) & (traces.exit_layer == row.exit_layer)]
+        t = t.iloc[0]
+        rep = replay(list(t.output_ids), list(t["argmax"]), int(row.num_speculations),
+                     int(t.max_new_tokens), list(t.stop_token_ids), exit_layer=int(row.exit_layer),
+                     num_layers=4)
+        assert [r.accepted for r in rep.rounds] == list(row.predicted_accepted_per_round)
+    assert "adaptive policies" in result.output and "per-example oracle" in result.output
+
+
+def test_scan_verify_times_points_into_the_ordinary_results_file(scanned) -> None:
+    out, result = scanned
+    measured = pd.read_parquet(out.with_name("tiny.parquet"))
+    assert measured.is_baseline.sum() == 2
+    assert len(set(measured.run_id)) == 1 + 1 + 2  # baseline, best point, two random ones
+    assert "predicted vs measured" in result.output
+    assert "2/2" in result.output  # identical rounds on both examples
+
+
+def test_report_detects_scan_files(scanned) -> None:
+    out, _ = scanned
+    result = invoke("report", out)
+    assert result.exit_code == 0, result.output
+    assert "predicted speedup" in result.output and "regret vs oracle" in result.output
+
+
+def test_policies_regret_is_against_the_per_example_oracle(scanned) -> None:
+    out, _ = scanned
+    df = scan_report.read_scans([out])
+    table = scan_report.policies(df)
+    oracle = table[table.policy.str.startswith("per-example oracle")].iloc[0]
+    assert oracle["regret vs oracle"] == pytest.approx(0)
+    assert (table["regret vs oracle"] >= -1e-12).all()  # no static point beats the oracle
+
+
+def test_scan_refuses_sampling_in_one_line(tiny_model_dir: Path, data_file: Path,
+                                           tmp_path: Path) -> None:
+    out = tmp_path / "s.scan.parquet"
+    result = invoke(*scan_args(tiny_model_dir, data_file, out, "--sample"))
+    assert_refused(result, "scan predicts greedy decoding only")
+    assert not out.exists()
+
+
+def test_scan_never_overwrites_a_file_it_did_not_write(tiny_model_dir: Path, data_file: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "mine.parquet"
+    out.write_bytes(b"precious")
+    result = invoke(*scan_args(tiny_model_dir, data_file, out))
+    assert_refused(result, "is not an lsbench scan file")
+    assert out.read_bytes() == b"precious"
