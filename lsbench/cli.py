@@ -200,6 +200,8 @@ def sweep(
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
     force: Force = False,
+    top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
+                   "first and measure only its N best predicted points.")] = None,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -216,7 +218,12 @@ def sweep(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _measure(sweep_job, s, out, force, "sweep")
+        if s.get("sweep", "exit_layers") == "auto":
+            _auto_sweep(s, top, out, force)
+        elif top is not None:
+            raise LsbenchError("--top needs --exit-layers auto")
+        else:
+            _measure(sweep_job, s, out, force, "sweep")
 
     _guarded(body, out)
 
@@ -304,6 +311,31 @@ def scan(
         _scan(s, draft or [], thresholds, verify, out)
 
     _guarded(body, out)
+
+
+def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool) -> None:
+    """`sweep --exit-layers auto --top N`: scan every exit layer, measure the N best points."""
+    from lsbench import scan_report
+    from lsbench.scan import verify_job
+    from lsbench.store import ResultStore
+
+    if top is None or top < 1:
+        raise LsbenchError("--exit-layers auto needs --top N (N >= 1): the number of best "
+                           "predicted points to measure")
+    settings.raw.setdefault("sweep", {}).pop("exit_layers")
+    name = settings.get("", "name") or (Path(settings.source).stem if settings.source
+                                        else "sweep")
+    settings.override("", "name", name)
+    path = out_path or Path("results") / f"{name}.parquet"
+    scan_path = path.with_name(path.name.removesuffix(".parquet") + ".scan.parquet")
+    spec, rows, _ = _scan(settings, [], None, 0, scan_path)
+    job = verify_job(spec, scan_report.top_points(rows, top))
+    store = ResultStore(path)
+    if force:
+        store.drop_runs({job.run_id(r) for r in job.runs})
+    _run_job_with_progress(job, store, "sweep")
+    df = store.rows()
+    _print_sweep_table(df[df.run_id.isin({job.run_id(r) for r in job.runs})])
 
 
 def _parse_thresholds(text: str | None) -> tuple[float, ...]:

@@ -97,3 +97,25 @@ def test_scan_never_overwrites_a_file_it_did_not_write(tiny_model_dir: Path, dat
     result = invoke(*scan_args(tiny_model_dir, data_file, out))
     assert_refused(result, "is not an lsbench scan file")
     assert out.read_bytes() == b"precious"
+
+
+def test_sweep_auto_measures_only_the_scans_best_points(tiny_model_dir: Path, data_file: Path,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "auto.parquet"
+    result = invoke("sweep", "--model", tiny_model_dir, "--dataset", f"jsonl:{data_file}",
+                    "--limit", 1, "--max-new-tokens", 8, "-k", "1:2", "--warmup", 0,
+                    "--exit-layers", "auto", "--top", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "auto.scan.parquet").is_file()
+    measured = pd.read_parquet(out)
+    assert len(set(measured.run_id)) == 3  # the baseline and the two best predicted points
+    best = scan_report.top_points(scan_report.read_scans([tmp_path / "auto.scan.parquet"]), 2)
+    got = set(zip(measured.exit_layer, measured.num_speculations, strict=True)) - {(0, 0)}
+    assert got == set(zip(best.exit_layer, best.num_speculations, strict=True))
+
+
+def test_sweep_top_without_auto_is_refused(tiny_model_dir: Path, data_file: Path,
+                                           tmp_path: Path) -> None:
+    result = invoke("sweep", "--model", tiny_model_dir, "--dataset", f"jsonl:{data_file}",
+                    "--exit-layers", "1", "--top", 2, "--out", tmp_path / "x.parquet")
+    assert_refused(result, "--top needs --exit-layers auto")
