@@ -457,6 +457,19 @@ def plot(
     from lsbench.store import read_results
 
     def body() -> None:
+        from lsbench import scan_report
+        from lsbench.scan_plots import plot_scan
+
+        scans = [p for p in results if scan_report.is_scan_file(p)]
+        rest = [p for p in results if p not in scans]
+        if scans:  # scan files, annotated with the speedups measured in any results files
+            measured = read_results(rest) if rest else None
+            paths = plot_scan(scan_report.read_scans(scans), out, fmt, measured)
+            if not paths:
+                raise LsbenchError("nothing to plot: the scan files have no layerskip rows")
+            for p in paths:
+                _print_path(p)
+            return
         df = read_results(results)
         paths = plot_sweep(df, out, fmt) + plot_compare(df, out, fmt)
         if not paths:

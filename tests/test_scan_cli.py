@@ -119,3 +119,25 @@ def test_sweep_top_without_auto_is_refused(tiny_model_dir: Path, data_file: Path
     result = invoke("sweep", "--model", tiny_model_dir, "--dataset", f"jsonl:{data_file}",
                     "--exit-layers", "1", "--top", 2, "--out", tmp_path / "x.parquet")
     assert_refused(result, "--top needs --exit-layers auto")
+
+
+def test_plot_scan_files_beside_measured_results(scanned, tmp_path: Path) -> None:
+    out, _ = scanned
+    result = invoke("plot", out, out.with_name("tiny.parquet"), "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    for stem in ("scan_speedup_heatmap", "scan_acceptance_vs_exit_layer"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+def test_scan_figures_side_by_side_with_measured_annotations(scanned) -> None:
+    from lsbench.scan_plots import scan_figures
+
+    out, _ = scanned
+    one = scan_report.read_scans([out])
+    two = pd.concat([one, one.assign(source_file="copy.scan.parquet")])
+    figs = scan_figures(two, pd.read_parquet(out.with_name("tiny.parquet")))
+    heat = figs["scan_speedup_heatmap"]
+    panels = [ax for ax in heat.axes if ax.get_xlabel() == "exit layer E"]
+    assert len(panels) == 2
+    # every verified layerskip point carries its measured speedup as text
+    assert all(any(t.get_text().endswith("x") for t in ax.texts) for ax in panels)
