@@ -141,3 +141,16 @@ def test_scan_figures_side_by_side_with_measured_annotations(scanned) -> None:
     assert len(panels) == 2
     # every verified layerskip point carries its measured speedup as text
     assert all(any(t.get_text().endswith("x") for t in ax.texts) for ax in panels)
+
+
+def test_bench_scan_smoke(tiny_model_dir: Path, data_file: Path, capsys) -> None:
+    from lsbench import scanbench
+
+    code = scanbench.main(["--model", str(tiny_model_dir), "--dataset", f"jsonl:{data_file}",
+                           "--prompts", "1", "--max-new-tokens", "8", "-k", "1:2",
+                           "--points", "1:2,3:1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "layerskip E=1 k=2" in out and "layerskip E=3 k=1" in out
+    assert "the scan takes" in out and "median |relative error|" in out
+    assert "identical to measured ones on every example: yes" in out
