@@ -202,8 +202,15 @@ def measure_cost_table(model: EarlyExitModel, context: list[int], max_tokens: in
     heads = tuple(head(n) for n in range(1, max_tokens + 1))
     model.counts = counts  # measuring is not decoding work
     table = CostTable(L, layer, call, heads)
-    if draft is None:
-        return table
+    return table if draft is None else with_draft_costs(table, draft, context, repeats)
+
+
+@torch.inference_mode()
+def with_draft_costs(table: CostTable, draft: EarlyExitModel, context: list[int],
+                     repeats: int = 7) -> CostTable:
+    """`table` with a draft model's forward at 1 and 2 tokens and its head at 1 row."""
+    ids = torch.tensor([context], device=draft.device)
+    counts = draft.counts.copy()
     d_cache = draft.new_cache()
     d_ids = ids.to(draft.device)
     draft.run_layers(draft.embed(d_ids), d_cache, 0, draft.num_layers)
@@ -218,5 +225,8 @@ def measure_cost_table(model: EarlyExitModel, context: list[int], max_tokens: in
 
     d_hidden = torch.randn(1, 1, draft.config.hidden_size, device=draft.device,
                            dtype=draft.dtype)
-    return dataclasses.replace(table, draft_forward=(d_full(1), d_full(2)),
-                               draft_head=d_timed(lambda: draft.logits(d_hidden), lambda: None))
+    table = dataclasses.replace(table, draft_forward=(d_full(1), d_full(2)),
+                                draft_head=d_timed(lambda: draft.logits(d_hidden),
+                                                   lambda: None))
+    draft.counts = counts
+    return table

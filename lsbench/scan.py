@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lsbench.costs import CostTable, measure_cost_table
+from lsbench.costs import CostTable, measure_cost_table, with_draft_costs
 from lsbench.data import build_prompt, load_examples
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation
@@ -178,8 +178,10 @@ def min_margin(rep: Replay, drafter: TokenTrace, full: TokenTrace) -> float:
 
 def predict_rows(points: Sequence[Point], out: list[int], traces: list[TokenTrace],
                  draft_traces: dict[str, TokenTrace], cfg: DecodingConfig, costs: CostTable,
-                 baseline_ms: float) -> list[dict]:
-    """Replay and price every point on one example: the prediction columns of its rows."""
+                 baseline_ms: float, draft_costs: dict[str, CostTable] | None = None,
+                 ) -> list[dict]:
+    """Replay and price every point on one example: the prediction columns of its rows
+    (spec points with `draft_costs[draft]`, the target's units plus that draft's)."""
     decode_tokens = len(out) - 1
     full = traces[-1]
     mismatches = int(np.sum(full.argmax[:-1] != np.asarray(out[1:]))) if decode_tokens else 0
@@ -187,9 +189,10 @@ def predict_rows(points: Sequence[Point], out: list[int], traces: list[TokenTrac
     rows = []
     for p in points:
         rep = replay_point(p, out, traces, draft_traces, cfg)
+        table = (draft_costs or {}).get(p.draft_model, costs) if p.draft_model else costs
         drafter = draft_traces[p.draft_model] if p.strategy == "spec" else \
             traces[p.exit_layer - 1]
-        ms = (1000 * costs.decode_seconds(rep, p.strategy, p.exit_layer) / decode_tokens
+        ms = (1000 * table.decode_seconds(rep, p.strategy, p.exit_layer) / decode_tokens
               if decode_tokens else math.nan)
         rows.append({
             "strategy": p.strategy, "exit_layer": p.exit_layer, "draft_model": p.draft_model,
@@ -207,7 +210,7 @@ def predict_rows(points: Sequence[Point], out: list[int], traces: list[TokenTrac
             "baseline_ms_per_token": baseline_ms, "predicted_ar_ms_per_token": ar_ms,
             "predicted_ms_per_token": ms,
             "predicted_speedup": baseline_ms / ms if ms and ms == ms else math.nan,
-            "cost_table": json.dumps(dataclasses.asdict(costs)),
+            "cost_table": json.dumps(dataclasses.asdict(table)),
         })
     return rows
 
@@ -289,14 +292,13 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
         traces = exit_traces(model, prompt.ids, out)
         d_traces = {name: draft_trace(d, prompt.ids, out) for name, d in drafts.items()}
         context = [*prompt.ids, *out[: len(out) // 2]]
-        draft_model = next(iter(drafts.values()), None)
-        costs = fit_step_overhead(measure_cost_table(model, context, max_tokens, draft_model),
-                                  ar)
+        costs = fit_step_overhead(measure_cost_table(model, context, max_tokens), ar)
         if round_overhead is None:  # one measured layerskip run fixes the per-round overhead
             gen = generate("layerskip", model, prompt.ids, cfg, k=calib_k, exit_layer=calib_e)
             rep = replay_point(Point("layerskip", calib_k, calib_e), out, traces, d_traces, cfg)
             round_overhead = fit_round_overhead(costs, gen, rep, calib_e).round
         costs = costs.with_overheads(round=round_overhead)
+        draft_costs = {name: with_draft_costs(costs, d, context) for name, d in drafts.items()}
         identity = {"scan_name": job.name, "model": job.model,
                     "model_num_layers": model.num_layers, "dataset": job.dataset.name,
                     "dataset_fingerprint": fingerprint, "example_id": ex.example_id,
@@ -304,7 +306,8 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
                     "prompt_tokens": len(prompt.ids)}
         stamp = {**env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds")}
-        for row in predict_rows(points, out, traces, d_traces, cfg, costs, _ms_per_token(ar)):
+        for row in predict_rows(points, out, traces, d_traces, cfg, costs, _ms_per_token(ar),
+                                draft_costs):
             rows.append({**identity, **row, **stamp})
         common = {**identity, "stop_token_ids": list(cfg.stop_token_ids), "output_ids": out}
         for e, t in enumerate(traces, start=1):

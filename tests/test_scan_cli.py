@@ -154,3 +154,21 @@ def test_bench_scan_smoke(tiny_model_dir: Path, data_file: Path, capsys) -> None
     assert "layerskip E=1 k=2" in out and "layerskip E=3 k=1" in out
     assert "the scan takes" in out and "median |relative error|" in out
     assert "identical to measured ones on every example: yes" in out
+
+
+def test_scan_with_a_draft_model(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    from tests.test_runner import save_truncated
+
+    draft = save_truncated(tiny_model_dir, tmp_path / "draft", 2)
+    out = tmp_path / "d.scan.parquet"
+    result = invoke("scan", "--model", tiny_model_dir, "--draft", draft, "--dataset",
+                    f"jsonl:{data_file}", "--limit", 1, "--max-new-tokens", 8, "-e", 2,
+                    "-k", "1:2", "--thresholds", "0.5", "--warmup", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = pd.read_parquet(out)
+    spec = rows[rows.strategy == "spec"]
+    assert list(spec.num_speculations) == [1, 2] and set(spec.draft_model) == {str(draft)}
+    assert (spec.exit_layer == 0).all() and spec.predicted_speedup.notna().all()
+    assert len(rows) == 2 * (1 + 1 + 1)  # layerskip, one threshold, one draft; k = 1, 2
+    traces = pd.read_parquet(trace_path(out))
+    assert list(traces.source) == ["exit"] * 4 + ["draft"]
