@@ -59,6 +59,8 @@ def _check_schedule(model, gen, rep, e, k):
     assert tokens.decode_seconds(rep, "layerskip", e) == sum(gen.decode_counts.layer_tokens)
     assert calls.decode_seconds(rep, "layerskip", e) == sum(gen.decode_counts.layer_calls)
     assert heads.decode_seconds(rep, "layerskip", e) == gen.decode_counts.head_tokens
+    steps = _counting(L, k).with_overheads(step=1.0)  # loop work per token fed = embeddings
+    assert steps.decode_seconds(rep, "layerskip", e) == gen.decode_counts.embed_tokens
 
 
 @pytest.mark.parametrize("max_new", [24, 13, 5, 2, 1])
