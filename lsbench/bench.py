@@ -20,84 +20,19 @@ Bad input (unknown model, exit layer out of range) ends in one line on stderr an
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 
-import torch
-
+from lsbench.costs import UnitCosts, measure_unit_costs  # noqa: F401  (re-exported)
 from lsbench.data import DatasetSpec, build_prompt, load_examples
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig, sync
+from lsbench.generation import DecodingConfig
 from lsbench.jobs import parse_int_list
-from lsbench.models import EarlyExitModel, check_exit_layers, crop_cache, load_model
+from lsbench.models import EarlyExitModel, check_exit_layers, load_model
 from lsbench.runner import stop_token_ids
 from lsbench.strategies import generate
 
 AR_TARGET, EXIT_TARGET = 0.97, 1.25
-
-
-@dataclass(frozen=True)
-class UnitCosts:
-    """Seconds of one decoder layer at 1, k and k+1 tokens, and of the LM head at 1 and k+1
-    rows. The rounds below are rounds that accept nothing, the regime of the embedded model."""
-
-    layer_1: float
-    layer_k: float
-    layer_k1: float
-    head_1: float
-    head_k1: float
-
-    def _drafts(self, e: int, k: int) -> float:
-        return k * (e * self.layer_1 + self.head_1)
-
-    def layerskip_round(self, num_layers: int, e: int, k: int, *, defer: bool = True) -> float:
-        """lsbench: k drafts through layers [0, E) + head, then the deep layers over the k
-        cached exit states and one head row. Not deferred (DESIGN's round as written), the
-        last draft's shallow pass runs too and the deep layers take k+1 tokens."""
-        if e == num_layers:  # the drafts' exit logits are the target's
-            return self._drafts(e, k) + (0.0 if defer else e * self.layer_1 + self.head_1)
-        deep, shallow = (self.layer_k, 0.0) if defer else (self.layer_k1, e * self.layer_1)
-        return self._drafts(e, k) + shallow + (num_layers - e) * deep + self.head_1
-
-    def hf_early_exit_round(self, num_layers: int, e: int, k: int) -> float:
-        """transformers: the same drafts, then all layers and the head over k+1 tokens."""
-        return self._drafts(e, k) + num_layers * self.layer_k1 + self.head_k1
-
-
-@torch.inference_mode()
-def measure_unit_costs(model: EarlyExitModel, prompt: list[int], k: int,
-                       repeats: int = 15) -> UnitCosts:
-    """Median times of a pass through all layers (per layer) and of the head, at 1, k and k+1
-    tokens, against a cache holding the prompt: the weights stream as they do in decoding."""
-    cache = model.new_cache()
-    model.run_layers(model.embed(torch.tensor([prompt], device=model.device)), cache, 0,
-                     model.num_layers)
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            sync(model.device)
-            t0 = time.perf_counter()
-            fn()
-            sync(model.device)
-            times.append(time.perf_counter() - t0)
-            crop_cache(cache, len(prompt))
-        return statistics.median(times)
-
-    def layers(n: int) -> float:
-        ids = torch.tensor([prompt[-n:]], device=model.device)
-        hidden = model.embed(ids)
-        n_layers = model.num_layers
-        return timed(lambda: model.run_layers(hidden, cache, 0, n_layers)) / n_layers
-
-    def head(n: int) -> float:
-        hidden = torch.randn(1, n, model.config.hidden_size, device=model.device,
-                             dtype=model.dtype)
-        return timed(lambda: model.logits(hidden))
-
-    return UnitCosts(layers(1), layers(k), layers(k + 1), head(1), head(k + 1))
 
 
 def main(argv: list[str] | None = None) -> int:

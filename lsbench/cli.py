@@ -208,6 +208,8 @@ def sweep(
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
     force: Force = False,
+    top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
+                   "first and measure only its N best predicted points.")] = None,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -224,7 +226,12 @@ def sweep(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _measure(sweep_job, s, out, force, "sweep")
+        if s.get("sweep", "exit_layers") == "auto":
+            _auto_sweep(s, top, out, force)
+        elif top is not None:
+            raise LsbenchError("--top needs --exit-layers auto")
+        else:
+            _measure(sweep_job, s, out, force, "sweep")
 
     _guarded(body, out)
 
@@ -271,6 +278,179 @@ def compare(
     _guarded(body, out)
 
 
+@app.command()
+def scan(
+    sweep_file: Annotated[Path | None, typer.Argument(help="TOML sweep file (sweeps/*.toml); "
+                                                      "options override it.")] = None,
+    model: Model = None,
+    draft: Annotated[list[str] | None, typer.Option(help="Draft model to scan as spec "
+                     "(repeatable); must share the target's tokenizer.")] = None,
+    exit_layers: Annotated[str | None, typer.Option("--exit-layers", "-e", help="Exit layers "
+                           "to replay (default every layer 1..L-1).")] = None,
+    num_speculations: Annotated[str | None, typer.Option("--num-speculations", "-k",
+                                help="Draft lengths to replay (default 1:8).")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="Confidence thresholds of the "
+                          "layerskip-conf drafter, e.g. 0.3,0.5 (default 0.3,0.5,0.7,0.9).")]
+    = None,
+    verify: Annotated[int, typer.Option(help="Then time the N best predicted points plus two "
+                      "random ones with the sweep machinery (into results/<name>.parquet) "
+                      "and print predicted against measured.")] = 0,
+    dataset: Dataset = None, limit: Limit = None, max_new_tokens: MaxNew = None,
+    repeats: Repeats = None, warmup: Warmup = None, sample: Sample = None,
+    temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
+    dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
+    threads: Threads = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Scan file (default "
+                   "results/<name>.scan.parquet; traces go to <out>.trace.parquet).")] = None,
+) -> None:
+    """Predict the whole exit-layer x k surface (greedy) from one teacher-forced pass per
+    example: exact acceptance and rounds, and speedup priced with measured unit costs."""
+    def body() -> None:
+        s = _settings(sweep_file, {
+            ("", "model"): model, ("data", "dataset"): dataset, ("data", "limit"): limit,
+            ("data", "max_input_tokens"): max_input_tokens,
+            ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
+            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup,
+            ("decoding", "max_new_tokens"): max_new_tokens,
+            ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
+            ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
+            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
+            ("", "threads"): threads})
+        _scan(s, draft or [], thresholds, verify, out)
+
+    _guarded(body, out)
+
+
+def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool) -> None:
+    """`sweep --exit-layers auto --top N`: scan every exit layer, measure the N best points."""
+    from lsbench import scan_report
+    from lsbench.scan import verify_job
+    from lsbench.store import ResultStore
+
+    if top is None or top < 1:
+        raise LsbenchError("--exit-layers auto needs --top N (N >= 1): the number of best "
+                           "predicted points to measure")
+    settings.raw.setdefault("sweep", {}).pop("exit_layers")
+    name = settings.get("", "name") or (Path(settings.source).stem if settings.source
+                                        else "sweep")
+    settings.override("", "name", name)
+    path = out_path or Path("results") / f"{name}.parquet"
+    scan_path = path.with_name(path.name.removesuffix(".parquet") + ".scan.parquet")
+    spec, rows, _ = _scan(settings, [], None, 0, scan_path)
+    job = verify_job(spec, scan_report.top_points(rows, top))
+    store = ResultStore(path)
+    if force:
+        store.drop_runs({job.run_id(r) for r in job.runs})
+    _run_job_with_progress(job, store, "sweep")
+    df = store.rows()
+    _print_sweep_table(df[df.run_id.isin({job.run_id(r) for r in job.runs})])
+
+
+def _parse_thresholds(text: str | None) -> tuple[float, ...]:
+    from lsbench.scan import DEFAULT_THRESHOLDS
+
+    if text is None:
+        return DEFAULT_THRESHOLDS
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise LsbenchError(f"cannot parse thresholds '{text}': use a list like 0.3,0.5") from None
+
+
+def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
+          out_path: Path | None):
+    """Run a scan with a progress bar, write its files, print its tables; returns the spec,
+    the scan rows and the path."""
+    from lsbench import scan_report
+    from lsbench.data import check_dataset
+    from lsbench.models import locate_model, model_num_layers
+    from lsbench.scan import run_scan, scan_spec, write_scan
+
+    model = settings.get("", "model")
+    if not model:
+        raise LsbenchError("no model given: pass --model or a sweep file that sets model")
+    if settings.get("decoding", "sample"):
+        from lsbench.scan import SAMPLING_REFUSED
+
+        raise LsbenchError(SAMPLING_REFUSED)
+    if verify < 0:
+        raise LsbenchError(f"--verify must be >= 0, got {verify}")
+    check_dataset(settings.get("data", "dataset", "lee-news"))
+    for ref in drafts:
+        locate_model(ref)
+    num_layers = model_num_layers(model, settings.get("", "revision"))
+    spec = scan_spec(settings, num_layers, drafts=drafts,
+                     thresholds=_parse_thresholds(thresholds))
+    path = out_path or Path("results") / f"{spec.job.name}.scan.parquet"
+    from lsbench.scan import trace_path
+
+    for target in (path, trace_path(path)):
+        scan_report.check_scan_target(target)
+    _quiet_libraries()
+    err.print(f"[bold]scan[/] {escape(spec.job.model)} ({num_layers} layers) on "
+              f"{escape(spec.job.dataset.name)} x{spec.job.dataset.limit}: {spec.points} points "
+              f"per example -> {escape(str(path))}", highlight=False)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("loading", total=None)
+
+        def on_progress(event) -> None:
+            progress.update(task, total=event.total or None, completed=event.done,
+                            description=escape(f"{event.phase}: {event.detail}"))
+
+        result = run_scan(spec, on_progress)
+    written = write_scan(result, path)
+    for p in written:
+        err.print(f"wrote {escape(str(p))}", highlight=False)
+    _print_frame(scan_report.policies(result.rows), "adaptive policies (predicted, over all "
+                 "examples; regret against the per-example oracle)")
+    _print_frame(scan_report.scan_table(result.rows, 10), "best predicted points")
+    if verify:
+        _verify(spec, result.rows, verify, path)
+    return spec, result.rows, path
+
+
+def _verify(spec, rows, n: int, scan_path: Path) -> None:
+    """Time the n best predicted points plus two random ones the ordinary way."""
+    from lsbench import scan_report
+    from lsbench.scan import verify_job
+    from lsbench.store import ResultStore
+
+    points = scan_report.top_points(rows, n, random_extra=2, seed=spec.job.decoding.seed)
+    job = verify_job(spec, points)
+    results_path = scan_path.with_name(scan_path.name.replace(".scan.parquet", ".parquet")
+                                       if scan_path.name.endswith(".scan.parquet")
+                                       else scan_path.stem + ".verify.parquet")
+    _run_job_with_progress(job, ResultStore(results_path), "verify")
+    measured = ResultStore(results_path).rows()
+    measured = measured[measured.run_id.isin({job.run_id(r) for r in job.runs})]
+    _print_frame(scan_report.predicted_vs_measured(rows, measured, points),
+                 f"predicted vs measured ({escape(str(results_path))})")
+
+
+def _run_job_with_progress(job, store, title: str) -> None:
+    from lsbench.runner import run_job
+
+    err.print(f"[bold]{title}[/] {len(job.runs)} runs -> {escape(str(store.path))}",
+              highlight=False)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("loading", total=None)
+
+        def on_progress(event) -> None:
+            progress.update(task, total=event.total or None, completed=event.done,
+                            description=escape(f"{event.phase}: {event.detail}"))
+
+        run_job(job, store, on_progress=on_progress)
+
+
+def _print_frame(frame, title: str) -> None:
+    from lsbench.report import to_markdown
+
+    out.print(f"\n{title}", highlight=False)
+    out.print(escape(to_markdown(frame)), highlight=False, soft_wrap=True)
+
+
 Results = Annotated[list[Path], typer.Argument(help="Parquet results files.")]
 
 
@@ -285,6 +465,19 @@ def plot(
     from lsbench.store import read_results
 
     def body() -> None:
+        from lsbench import scan_report
+        from lsbench.scan_plots import plot_scan
+
+        scans = [p for p in results if scan_report.is_scan_file(p)]
+        rest = [p for p in results if p not in scans]
+        if scans:  # scan files, annotated with the speedups measured in any results files
+            measured = read_results(rest) if rest else None
+            paths = plot_scan(scan_report.read_scans(scans), out, fmt, measured)
+            if not paths:
+                raise LsbenchError("nothing to plot: the scan files have no layerskip rows")
+            for p in paths:
+                _print_path(p)
+            return
         df = read_results(results)
         paths = plot_sweep(df, out, fmt) + plot_compare(df, out, fmt)
         if not paths:
@@ -314,6 +507,19 @@ def report(
     from lsbench.store import read_results
 
     def body() -> None:
+        from lsbench import scan_report
+
+        if fmt not in ("md", "csv"):
+            raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
+        scans = [p for p in results if scan_report.is_scan_file(p)]
+        if scans:  # scan files get the predicted surface and the adaptive-policy table
+            if len(scans) != len(results):
+                raise LsbenchError("give either scan files or results files, not both")
+            df = scan_report.read_scans(scans)
+            render = rep.to_markdown if fmt == "md" else rep.to_csv
+            text = render(scan_report.scan_table(df)) + "\n" + render(scan_report.policies(df))
+            _write_report(text, out)
+            return
         builders = {"blog": rep.blog_table, "summary": rep.summarize, "sweep": rep.sweep_table}
         if table not in builders:
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
@@ -321,14 +527,18 @@ def report(
             raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
         frame = builders[table](read_results(results))
         text = rep.to_markdown(frame) if fmt == "md" else rep.to_csv(frame)
-        if out is None:
-            sys.stdout.write(text)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text)
-            err.print(f"wrote {out}")
+        _write_report(text, out)
 
     _guarded(body)
+
+
+def _write_report(text: str, path: Path | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        err.print(f"wrote {path}")
 
 
 @app.command()

@@ -20,3 +20,10 @@ def test_readme_gives_the_two_setup_commands_and_make_has_them():
     for target in ("sweep", "test"):
         assert f"make {target}" in README
         assert re.search(rf"^{target}:", makefile, flags=re.M)
+
+
+def test_readme_documents_every_scan_column():
+    from lsbench.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
+
+    documented = set(re.findall(r"^\| `([a-zA-Z0-9_]+)` \|", README, flags=re.M))
+    assert documented >= {name for name, _, _ in [*SCAN_COLUMNS, *TRACE_COLUMNS]}

@@ -1,0 +1,372 @@
+"""`lsbench scan`: the whole exit-layer x k surface from one teacher-forced pass per example.
+
+Per example: one timed greedy autoregressive generation x (the measured baseline), then one
+teacher-forced forward over prompt + x that keeps, after every decoder layer, the top-1 token
+and probability of the model's own final norm + LM head at every output position (never the
+full L x T x vocab logits: the head runs in row chunks). Greedy speculative decoding is then
+replayed round by round for every (E, k) (`lsbench.replay`) and priced with unit costs
+measured in the same process (`lsbench.costs`). Never prints: progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lsbench.costs import CostTable, measure_cost_table, with_draft_costs
+from lsbench.data import build_prompt, load_examples
+from lsbench.errors import LsbenchError
+from lsbench.generation import DecodingConfig, Generation
+from lsbench.jobs import BASELINE, JobSpec, Settings, _base_job, parse_int_list
+from lsbench.models import EarlyExitModel, check_exit_layers
+from lsbench.replay import Replay, replay
+from lsbench.runner import ProgressEvent, _load, environment, stop_token_ids, validate
+from lsbench.scan_schema import (
+    SCAN_COLUMNS,
+    SCAN_METADATA_KEY,
+    SCAN_SCHEMA_VERSION,
+    TRACE_COLUMNS,
+    arrow_schema,
+)
+from lsbench.strategies import generate
+
+DEFAULT_KS = "1:8"
+DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+LOGIT_BUDGET = 1 << 26  # float32 logits held at once by the chunked head: 256 MiB
+SAMPLING_REFUSED = ("scan predicts greedy decoding only: under sampling the drafts and "
+                    "verdicts are random, so a replay over one output is not exact; "
+                    "use --greedy or time sampling with lsbench sweep")
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """Per output position j of x: the drafter's greedy token after x[j] (true prefix), its
+    top-1 probability and its top-1 minus top-2 logit gap."""
+
+    argmax: np.ndarray
+    prob: np.ndarray
+    margin: np.ndarray
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    job: JobSpec  # model, data, decoding, device; runs = (BASELINE,)
+    exit_layers: tuple[int, ...]
+    ks: tuple[int, ...]
+    drafts: tuple[str, ...] = ()
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+
+    @property
+    def points(self) -> int:
+        per_k = len(self.exit_layers) * (1 + len(self.thresholds)) + len(self.drafts)
+        return per_k * len(self.ks)
+
+
+def scan_spec(s: Settings, num_layers: int, *, drafts: Sequence[str] = (),
+              thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> ScanSpec:
+    """Scan settings: exit layers (default 1..L-1), k (default 1..8), greedy only."""
+    default_layers = f"1:{num_layers - 1}" if num_layers > 1 else "1"
+    layers = parse_int_list(s.get("sweep", "exit_layers", default_layers), num_layers=num_layers)
+    check_exit_layers(layers, num_layers, s.get("", "model"))
+    ks = parse_int_list(s.get("sweep", "num_speculations", DEFAULT_KS),
+                        what="num_speculations")
+    if any(k < 1 for k in ks):
+        raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
+    if any(not 0 < t <= 1 for t in thresholds):
+        raise LsbenchError(f"confidence thresholds must be in (0, 1], got {list(thresholds)}")
+    job = _base_job(s, [BASELINE], "sweep")
+    if job.decoding.do_sample:
+        raise LsbenchError(SAMPLING_REFUSED)
+    if not s.get("", "name") and not s.source:
+        job = dataclasses.replace(job, name="scan")
+    return ScanSpec(job, tuple(layers), tuple(ks), tuple(dict.fromkeys(drafts)),
+                    tuple(sorted(set(thresholds))))
+
+
+# --- the teacher-forced pass ------------------------------------------------------------------
+
+def _top2(model: EarlyExitModel, hidden: torch.Tensor) -> TokenTrace:
+    """Top-1 token, probability and top-1/top-2 gap of rows `hidden` [1, n, d], in chunks."""
+    n = hidden.shape[1]
+    chunk = max(1, LOGIT_BUDGET // max(model.vocab_size, 1))
+    tokens, probs, margins = [], [], []
+    for lo in range(0, n, chunk):
+        logits = model.logits(hidden[:, lo:lo + chunk])[0]
+        top = logits.topk(min(2, logits.shape[-1]), dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        tokens.append(top.indices[:, 0])
+        probs.append(torch.exp(top.values[:, 0] - lse))
+        gap = top.values[:, 0] - top.values[:, 1] if top.values.shape[1] > 1 else lse * 0
+        margins.append(gap)
+    cat = (lambda xs: torch.cat(xs).cpu().numpy()) if n else (lambda xs: np.zeros(0))
+    return TokenTrace(cat(tokens).astype(np.int64), cat(probs).astype(np.float32),
+                      cat(margins).astype(np.float32))
+
+
+@torch.inference_mode()
+def exit_traces(model: EarlyExitModel, prompt_ids: list[int], out: list[int]) -> list[TokenTrace]:
+    """One teacher-forced forward over prompt + out; entry E-1 is exit layer E's trace
+    (entry L-1 the full model's) at the positions of out."""
+    counts = model.counts.copy()
+    cache = model.new_cache()
+    ids = torch.tensor([[*prompt_ids, *out]], device=model.device)
+    hidden = model.embed(ids)
+    start = len(prompt_ids)
+    traces = []
+    for layer in range(model.num_layers):
+        hidden = model.run_layers(hidden, cache, layer, layer + 1)
+        traces.append(_top2(model, hidden[:, start:]))
+    model.counts = counts  # analysis, not decoding work
+    return traces
+
+
+@torch.inference_mode()
+def draft_trace(draft: EarlyExitModel, prompt_ids: list[int], out: list[int]) -> TokenTrace:
+    """A draft model's greedy token after every out[j], teacher-forced over prompt + out."""
+    counts = draft.counts.copy()
+    ids = torch.tensor([[*prompt_ids, *out]], device=draft.device)
+    hidden = draft.run_layers(draft.embed(ids), draft.new_cache(), 0, draft.num_layers)
+    trace = _top2(draft, hidden[:, len(prompt_ids):])
+    draft.counts = counts
+    return trace
+
+
+# --- replay and pricing (no model) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    strategy: str  # layerskip | layerskip-conf | spec
+    k: int
+    exit_layer: int = 0
+    draft_model: str = ""
+    threshold: float = math.nan
+
+
+def replay_point(point: Point, out: list[int], traces: list[TokenTrace],
+                 draft_traces: dict[str, TokenTrace], cfg: DecodingConfig) -> Replay:
+    L = len(traces)
+    if point.strategy == "spec":
+        t = draft_traces[point.draft_model]
+        return replay(out, t.argmax.tolist(), point.k, cfg.max_new_tokens, cfg.stop_token_ids)
+    t = traces[point.exit_layer - 1]
+    conf = point.strategy == "layerskip-conf"
+    return replay(out, t.argmax.tolist(), point.k, cfg.max_new_tokens, cfg.stop_token_ids,
+                  exit_layer=point.exit_layer, num_layers=L,
+                  probs=t.prob.tolist() if conf else None,
+                  threshold=point.threshold if conf else None)
+
+
+def min_margin(rep: Replay, drafter: TokenTrace, full: TokenTrace) -> float:
+    if not rep.compared:
+        return math.nan
+    idx = np.asarray(rep.compared)
+    return float(min(drafter.margin[idx].min(), full.margin[idx].min()))
+
+
+def predict_rows(points: Sequence[Point], out: list[int], traces: list[TokenTrace],
+                 draft_traces: dict[str, TokenTrace], cfg: DecodingConfig, costs: CostTable,
+                 baseline_ms: float, draft_costs: dict[str, CostTable] | None = None,
+                 ) -> list[dict]:
+    """Replay and price every point on one example: the prediction columns of its rows
+    (spec points with `draft_costs[draft]`, the target's units plus that draft's)."""
+    decode_tokens = len(out) - 1
+    full = traces[-1]
+    mismatches = int(np.sum(full.argmax[:-1] != np.asarray(out[1:]))) if decode_tokens else 0
+    ar_ms = 1000 * costs.ar_step()
+    rows = []
+    for p in points:
+        rep = replay_point(p, out, traces, draft_traces, cfg)
+        table = (draft_costs or {}).get(p.draft_model, costs) if p.draft_model else costs
+        drafter = draft_traces[p.draft_model] if p.strategy == "spec" else \
+            traces[p.exit_layer - 1]
+        ms = (1000 * table.decode_seconds(rep, p.strategy, p.exit_layer) / decode_tokens
+              if decode_tokens else math.nan)
+        rows.append({
+            "strategy": p.strategy, "exit_layer": p.exit_layer, "draft_model": p.draft_model,
+            "num_speculations": p.k, "confidence_threshold": p.threshold,
+            "new_tokens": len(out),
+            "predicted_acceptance_rate": rep.acceptance_rate,
+            "predicted_mean_accepted_len": rep.mean_accepted_len,
+            "predicted_rounds": len(rep.rounds), "predicted_accept_hist": rep.accept_hist,
+            "predicted_drafted_per_round": [r.drafted for r in rep.rounds],
+            "predicted_accepted_per_round": [r.accepted for r in rep.rounds],
+            "predicted_deferred_per_round": [r.deferred for r in rep.rounds],
+            "predicted_offpath_drafts": rep.offpath,
+            "min_margin": min_margin(rep, drafter, full),
+            "trace_ar_mismatches": mismatches,
+            "baseline_ms_per_token": baseline_ms, "predicted_ar_ms_per_token": ar_ms,
+            "predicted_ms_per_token": ms,
+            "predicted_speedup": baseline_ms / ms if ms and ms == ms else math.nan,
+            "cost_table": json.dumps(dataclasses.asdict(table)),
+        })
+    return rows
+
+
+def scan_points(spec: ScanSpec) -> list[Point]:
+    points = []
+    for k in spec.ks:
+        points += [Point("layerskip", k, e) for e in spec.exit_layers]
+        points += [Point("layerskip-conf", k, e, threshold=t) for e in spec.exit_layers
+                   for t in spec.thresholds]
+        points += [Point("spec", k, draft_model=d) for d in spec.drafts]
+    return points
+
+
+# --- the measured part ------------------------------------------------------------------------
+
+def _ms_per_token(gen: Generation) -> float:
+    return 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
+
+
+def fit_step_overhead(costs: CostTable, ar: Generation) -> CostTable:
+    """Per-token loop work: what the measured autoregressive decode took beyond its units."""
+    if not ar.decode_tokens:
+        return costs
+    per_step = ar.decode_s / ar.decode_tokens
+    return costs.with_overheads(step=max(per_step - costs.ar_step() + costs.step, 0.0))
+
+
+def fit_round_overhead(costs: CostTable, gen: Generation, rep: Replay,
+                       exit_layer: int) -> CostTable:
+    """Per-round loop work: what a measured layerskip run took beyond its priced rounds."""
+    if not rep.rounds:
+        return costs
+    base = costs.with_overheads(round=0.0)
+    extra = (gen.decode_s - base.decode_seconds(rep, "layerskip", exit_layer)) / len(rep.rounds)
+    return costs.with_overheads(round=max(extra, 0.0))
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    rows: pd.DataFrame
+    traces: pd.DataFrame
+
+
+def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None = None,
+             ) -> ScanResult:
+    emit = on_progress or (lambda _e: None)
+    job = spec.job
+    validate(dataclasses.replace(job, runs=(BASELINE, *(
+        dataclasses.replace(BASELINE, strategy="spec", draft_model=d) for d in spec.drafts))))
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
+    examples, fingerprint = load_examples(job.dataset)
+    runs = tuple(dataclasses.replace(BASELINE, strategy="spec", draft_model=d)
+                 for d in spec.drafts)
+    loaded = _load(dataclasses.replace(job, runs=(BASELINE, *runs)))
+    model = loaded.adapter
+    drafts = {name: entry[1] for name, entry in loaded.drafts.items()}
+    prompts = [build_prompt(loaded.target.tokenizer, ex.article, job.max_input_tokens)
+               for ex in examples]
+    cfg = DecodingConfig(**{**job.decoding.__dict__,
+                            "stop_token_ids": stop_token_ids(loaded.target)})
+    env = environment(model.device, model.dtype)
+    points = scan_points(spec)
+    warm = DecodingConfig(**{**cfg.__dict__, "max_new_tokens": min(cfg.max_new_tokens, 16)})
+    calib_e, calib_k = spec.exit_layers[len(spec.exit_layers) // 2], min(4, max(spec.ks))
+    for _ in range(max(job.warmup, 1)):
+        emit(ProgressEvent("warmup", 0, len(examples), "ar"))
+        generate("ar", model, prompts[0].ids, warm)
+        generate("layerskip", model, prompts[0].ids, warm, k=calib_k, exit_layer=calib_e)
+    rows, trace_rows = [], []
+    round_overhead: float | None = None
+    max_tokens = max(spec.ks) + 1
+    for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True)):
+        emit(ProgressEvent("measure", i, len(examples), f"example {i + 1}/{len(examples)}"))
+        ar = generate("ar", model, prompt.ids, cfg)
+        out = ar.tokens
+        traces = exit_traces(model, prompt.ids, out)
+        d_traces = {name: draft_trace(d, prompt.ids, out) for name, d in drafts.items()}
+        context = [*prompt.ids, *out[: len(out) // 2]]
+        costs = fit_step_overhead(measure_cost_table(model, context, max_tokens), ar)
+        if round_overhead is None:  # one measured layerskip run fixes the per-round overhead
+            gen = generate("layerskip", model, prompt.ids, cfg, k=calib_k, exit_layer=calib_e)
+            rep = replay_point(Point("layerskip", calib_k, calib_e), out, traces, d_traces, cfg)
+            round_overhead = fit_round_overhead(costs, gen, rep, calib_e).round
+        costs = costs.with_overheads(round=round_overhead)
+        draft_costs = {name: with_draft_costs(costs, d, context) for name, d in drafts.items()}
+        identity = {"scan_name": job.name, "model": job.model,
+                    "model_num_layers": model.num_layers, "dataset": job.dataset.name,
+                    "dataset_fingerprint": fingerprint, "example_id": ex.example_id,
+                    "example_index": i, "max_new_tokens": cfg.max_new_tokens,
+                    "prompt_tokens": len(prompt.ids)}
+        stamp = {**env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds")}
+        for row in predict_rows(points, out, traces, d_traces, cfg, costs, _ms_per_token(ar),
+                                draft_costs):
+            rows.append({**identity, **row, **stamp})
+        common = {**identity, "stop_token_ids": list(cfg.stop_token_ids), "output_ids": out}
+        for e, t in enumerate(traces, start=1):
+            trace_rows.append({**common, "source": "exit", "exit_layer": e, "draft_model": "",
+                               **_trace_lists(t)})
+        for name, t in d_traces.items():
+            trace_rows.append({**common, "source": "draft", "exit_layer": 0,
+                               "draft_model": name, **_trace_lists(t)})
+        emit(ProgressEvent("measure", i + 1, len(examples), f"example {i + 1}/{len(examples)}"))
+    return ScanResult(_frame(rows, SCAN_COLUMNS), _frame(trace_rows, TRACE_COLUMNS))
+
+
+def _trace_lists(t: TokenTrace) -> dict:
+    return {"argmax": t.argmax.tolist(), "prob": t.prob.tolist(), "margin": t.margin.tolist()}
+
+
+def _frame(rows: list[dict], columns) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=[name for name, _, _ in columns])
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def trace_path(path: str | Path) -> Path:
+    """The sibling trace file of a scan file: x.scan.parquet -> x.scan.trace.parquet."""
+    p = Path(path)
+    return p.with_name(p.name[: -len(".parquet")] + ".trace.parquet"
+                       if p.name.endswith(".parquet") else p.name + ".trace.parquet")
+
+
+def write_frame(df: pd.DataFrame, columns, path: str | Path) -> None:
+    """Atomic: a temp file next to the target, renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, schema=arrow_schema(columns), preserve_index=False)
+    meta = {SCAN_METADATA_KEY: json.dumps({"schema_version": SCAN_SCHEMA_VERSION}).encode()}
+    table = table.replace_schema_metadata(meta)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_scan(result: ScanResult, path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    write_frame(result.traces, TRACE_COLUMNS, trace_path(path))
+    write_frame(result.rows, SCAN_COLUMNS, path)
+    return path, trace_path(path)
+
+
+
+def verify_job(spec: ScanSpec, points: pd.DataFrame) -> JobSpec:
+    """The ordinary sweep job that times `points` (rows of `scan_report.top_points`): same
+    model, examples, decoding and device as the scan, baseline first."""
+    from lsbench.jobs import RunSpec
+
+    runs = [RunSpec(str(p["strategy"]), int(p["exit_layer"]), int(p["num_speculations"]),
+                    str(p["draft_model"])) for _, p in points.iterrows()]
+    return dataclasses.replace(spec.job, runs=(BASELINE, *dict.fromkeys(runs)))
