@@ -227,7 +227,7 @@ def decoding_config(s: Settings) -> DecodingConfig:
     return cfg
 
 
-def _base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
+def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
     model = s.typed("", "model", str)
     if not model:
         raise LsbenchError("no model given: pass --model or set model in the sweep file")
@@ -268,7 +268,7 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
                                "choose layerskip and/or hf-early-exit")
     runs = [RunSpec(name, e, k) for name in strategies for e in layers
             for k in _speculations(s, "sweep", [4])]
-    return _base_job(s, with_baselines(runs), "sweep")
+    return base_job(s, with_baselines(runs), "sweep")
 
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
@@ -290,7 +290,7 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
         if hf:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return _base_job(s, with_baselines(runs), "compare")
+    return base_job(s, with_baselines(runs), "compare")
 
 
 

@@ -30,7 +30,7 @@ from lsbench.costs import CostTable, measure_cost_table, with_draft_costs
 from lsbench.data import build_prompt, load_examples
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation
-from lsbench.jobs import BASELINE, JobSpec, Settings, _base_job, parse_int_list
+from lsbench.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
 from lsbench.models import EarlyExitModel, check_exit_layers
 from lsbench.replay import Replay, replay
 from lsbench.runner import ProgressEvent, _load, environment, stop_token_ids, validate
@@ -87,7 +87,7 @@ def scan_spec(s: Settings, num_layers: int, *, drafts: Sequence[str] = (),
         raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
     if any(not 0 < t <= 1 for t in thresholds):
         raise LsbenchError(f"confidence thresholds must be in (0, 1], got {list(thresholds)}")
-    job = _base_job(s, [BASELINE], "sweep")
+    job = base_job(s, [BASELINE], "sweep")
     if job.decoding.do_sample:
         raise LsbenchError(SAMPLING_REFUSED)
     if not s.get("", "name") and not s.source:

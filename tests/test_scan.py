@@ -126,8 +126,6 @@ def test_replay_equals_layerskip_runs_with_stop_tokens_outside_drafts(deep):
     assert checked > 20
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9: the engine stops drafting right after a "
-                   "drafted stop token only once issue 9's loop fix is merged")
 def test_replay_equals_layerskip_runs_with_stop_tokens_inside_drafts(deep):
     checked = 0
     for prompt, stop, _ in _stop_cases(deep):
