@@ -37,6 +37,7 @@ class Generation:
     decode_counts: EvalCounts | None = None
     draft_prefill_counts: EvalCounts | None = None
     draft_decode_counts: EvalCounts | None = None
+    draft_s: float = 0.0  # seconds spent proposing drafts (lsbench's speculative loops)
 
 
 def sync(device: torch.device | str) -> None:
