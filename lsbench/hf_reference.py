@@ -1,5 +1,6 @@
-"""transformers' own `generate()` as a reference: `hf-ar`, `hf-assisted` (a draft model) and
-`hf-early-exit` (`assistant_early_exit`), timed and counted the way lsbench's loops are.
+"""transformers' own `generate()` as a reference: `hf-ar`, `hf-assisted` (a draft model),
+`hf-early-exit` (`assistant_early_exit`) and `hf-pld` (`prompt_lookup_num_tokens`), timed and
+counted the way lsbench's loops are.
 
 Layer-token work is counted through forward hooks on the unmodified model, and a streamer
 marks the first new token so that prefill and decode split at the same point as in
@@ -24,8 +25,9 @@ from lsbench.models import (
     check_draft_vocabulary,
     check_exit_layers,
 )
+from lsbench.prompt_lookup import MAX_NGRAM
 
-HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit")
+HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit", "hf-pld")
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -107,7 +109,7 @@ class CountingHooks:
 def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
                 *, k: int = 4, exit_layer: int | None = None,
                 draft: EarlyExitModel | None = None) -> Generation:
-    """`hf-ar`, `hf-assisted` or `hf-early-exit` through model.generate()."""
+    """`hf-ar`, `hf-assisted`, `hf-early-exit` or `hf-pld` through model.generate()."""
     extra: dict = {}
     early_exit = None
     if strategy == "hf-assisted":
@@ -128,6 +130,9 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         # Pin the assistant: k tokens every round, no adaptive schedule or early stop.
         num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
         assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
+        # hf-pld: k looked-up tokens a round, the n-gram size `pld` uses (transformers' default).
+        prompt_lookup_num_tokens=k if strategy == "hf-pld" else None,
+        max_matching_ngram_size=MAX_NGRAM if strategy == "hf-pld" else None,
     )
     prompt = prompt_tensor(model, prompt_ids)
     models = [model] if draft is None else [model, draft]
@@ -138,7 +143,7 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     with contextlib.ExitStack() as stack:
         for m in models:
             stack.enter_context(CountingHooks(m))
-        if strategy != "hf-ar":
+        if strategy in ("hf-assisted", "hf-early-exit"):
             stack.enter_context(_pinned_assistant(assistant, k))
         sync(model.device)
         t0 = time.perf_counter()

@@ -34,12 +34,21 @@ class RunSpec:
     def label(self) -> str:
         if self.strategy in ("ar", "hf-ar"):
             return self.strategy
+        if self.strategy in LOOKUP:
+            return f"{self.strategy} k={self.num_speculations}"
+        if self.strategy == "exit":
+            return f"exit E={self.exit_layer} (lossy)"
         if self.draft_model:
             return f"{self.strategy} draft={self.draft_model} k={self.num_speculations}"
         return f"{self.strategy} E={self.exit_layer} k={self.num_speculations}"
 
 
 BASELINE = RunSpec("ar")
+LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit layer
+# Strategies `lsbench sweep` accepts: early exit verified (swept over E and k), prompt lookup
+# (over k) and early exit without verification (over E; lossy).
+SWEEP_STRATEGIES = ("layerskip", "hf-early-exit", "pld", "hf-pld", "exit")
+PLD_DRAFT = "pld"  # `compare --draft pld`: prompt lookup, a pseudo-draft that loads no model
 
 
 @dataclass(frozen=True)
@@ -248,16 +257,24 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
     check_exit_layers(layers, num_layers, s.get("", "model"))
     strategies = s.typed("sweep", "strategies", list, ["layerskip"])
     for name in strategies:
-        if name not in ("layerskip", "hf-early-exit"):
-            raise LsbenchError(f"sweep strategy '{name}' is not an early-exit strategy; "
-                               "choose layerskip and/or hf-early-exit")
-    runs = [BASELINE] + [RunSpec(name, e, k) for name in strategies for e in layers
-                         for k in _speculations(s, "sweep", [4])]
+        if name not in SWEEP_STRATEGIES:
+            raise LsbenchError(f"unknown sweep strategy '{name}'; choose from "
+                               f"{', '.join(SWEEP_STRATEGIES)}")
+    ks = _speculations(s, "sweep", [4])
+    runs = [BASELINE]
+    for name in dict.fromkeys(strategies):
+        if name == "exit":
+            runs += [RunSpec(name, e, 0) for e in layers]
+        elif name in LOOKUP:
+            runs += [RunSpec(name, 0, k) for k in ks]
+        else:
+            runs += [RunSpec(name, e, k) for e in layers for k in ks]
     return _base_job(s, runs, "sweep")
 
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
-    """Draft models against early exit: baseline + spec per draft + layerskip per layer."""
+    """Draft models against early exit: baseline + spec per draft (pld for the pseudo-draft
+    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference."""
     drafts = s.typed("compare", "drafts", list, [])
     if not all(isinstance(d, str) and d for d in drafts):
         raise LsbenchError(f"drafts must be model names, got {drafts!r}")
@@ -268,12 +285,16 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
         raise LsbenchError("nothing to compare: give --draft and/or --early-exit")
     ks = _speculations(s, "compare", [4])
     hf = s.typed("compare", "hf_reference", bool, False)
+    lookup = PLD_DRAFT in drafts
+    drafts = [d for d in drafts if d != PLD_DRAFT]
     runs = [BASELINE]
     for k in ks:
         runs += [RunSpec("spec", 0, k, d) for d in drafts]
+        runs += [RunSpec("pld", 0, k)] if lookup else []
         runs += [RunSpec("layerskip", e, k) for e in layers]
         if hf:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
+            runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
     return _base_job(s, runs, "compare")
 

@@ -258,8 +258,22 @@ def test_sweep_job_hf_early_exit() -> None:
 
 @pytest.mark.parametrize("strategy", ["spec", "ar", "hf-assisted", "layerskp"])
 def test_sweep_job_refuses_other_strategies(strategy: str) -> None:
-    with pytest.raises(LsbenchError, match=f"sweep strategy '{strategy}' is not an early-exit"):
+    with pytest.raises(LsbenchError, match=f"unknown sweep strategy '{strategy}'; choose from "
+                       "layerskip, hf-early-exit, pld, hf-pld, exit"):
         sweep_job(settings(model="org/m", sweep__strategies=["layerskip", strategy]), 8)
+
+
+def test_sweep_job_pld_over_k_and_exit_over_layers() -> None:
+    job = sweep_job(settings(model="org/m", sweep__exit_layers="2,4",
+                             sweep__num_speculations="3,5",
+                             sweep__strategies=["layerskip", "pld", "exit", "hf-pld"]), 8)
+    assert job.runs == (BASELINE, RunSpec("layerskip", 2, 3), RunSpec("layerskip", 2, 5),
+                        RunSpec("layerskip", 4, 3), RunSpec("layerskip", 4, 5),
+                        RunSpec("pld", 0, 3), RunSpec("pld", 0, 5),
+                        RunSpec("exit", 2, 0), RunSpec("exit", 4, 0),
+                        RunSpec("hf-pld", 0, 3), RunSpec("hf-pld", 0, 5))
+    assert [r.label for r in job.runs[5:8]] == ["pld k=3", "pld k=5", "exit E=2 (lossy)"]
+    assert len({job.run_id(r) for r in job.runs}) == len(job.runs)
 
 
 # --- compare_job --------------------------------------------------------------------------------
@@ -285,6 +299,19 @@ def test_compare_job_hf_reference_and_single_sides() -> None:
     job = compare_job(settings(model="t/t", compare__early_exit=[4], compare__hf_reference=True),
                       16)
     assert job.runs == (BASELINE, RunSpec("layerskip", 4, 4), RunSpec("hf-early-exit", 4, 4))
+
+
+def test_compare_job_pld_pseudo_draft() -> None:
+    job = compare_job(settings(model="t/t", compare__drafts=["d/d", "pld"],
+                               compare__num_speculations="2,4", compare__hf_reference=True), 16)
+    expected = [BASELINE]
+    for k in (2, 4):
+        expected += [RunSpec("spec", 0, k, "d/d"), RunSpec("pld", 0, k),
+                     RunSpec("hf-assisted", 0, k, "d/d"), RunSpec("hf-pld", 0, k)]
+    assert list(job.runs) == expected
+    assert all(r.draft_model == "" for r in job.runs if "pld" in r.strategy)  # nothing to load
+    job = compare_job(settings(model="t/t", compare__drafts="pld"), 16)
+    assert job.runs == (BASELINE, RunSpec("pld", 0, 4))
 
 
 def test_compare_job_refuses_nothing_to_compare() -> None:

@@ -250,3 +250,12 @@ def test_exit_samples_reproducibly(target):
     cfg = DecodingConfig(max_new_tokens=10, do_sample=True, seed=3)
     a = generate("exit", target, PROMPT, cfg, exit_layer=2).tokens
     assert a == generate("exit", target, PROMPT, cfg, exit_layer=2).tokens
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_hf_pld_equals_ar_with_the_same_rounds_as_pld(target, ar_tokens, k):
+    # Same matcher settings: transformers' prompt lookup verifies as many rounds as lsbench's.
+    theirs = generate("hf-pld", target, PROMPT, GREEDY, k=k)
+    ours = generate("pld", target, PROMPT, GREEDY, k=k)
+    assert theirs.tokens == ar_tokens
+    assert theirs.decode_counts.layer_calls[-1] == len(ours.drafted)
