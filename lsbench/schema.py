@@ -57,7 +57,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
     ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),
     ("accept_hist", pa.list_(pa.int64()), "rounds with i accepted drafts, i = 0..k"),
-    ("rounds_without_draft", pa.int64(), "rounds that proposed nothing (pld without a match; "
+    ("rounds_without_draft", pa.int64(), "rounds that proposed nothing (pld without a match, "
+     "or no budget left to draft in the last round; "
      "0 for ar/exit, null for transformers' runs)"),
     ("layer_tokens_prefill", pa.list_(pa.int64()), "per target layer: tokens evaluated in prefill"),
     ("layer_tokens_decode", pa.list_(pa.int64()), "per target layer: tokens evaluated in decode"),
