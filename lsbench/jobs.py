@@ -137,11 +137,25 @@ _SECTIONS = {
 }
 
 
+# [sweep.<strategy>] tables override the sweep's exit layers or k for one strategy.
+_PER_STRATEGY = {"exit_layers", "num_speculations"}
+
+
 def _check_keys(raw: dict, source: str) -> None:
+    for name in SWEEP_STRATEGIES:
+        table = raw.get("sweep", {}).get(name, {}) if isinstance(raw.get("sweep"), dict) else {}
+        if not isinstance(table, dict):
+            raise LsbenchError(f"{source}: [sweep.{name}] must be a table")
+        unknown = sorted(set(table) - _PER_STRATEGY)
+        if unknown:
+            raise LsbenchError(f"{source}: unknown key(s) {', '.join(unknown)} in [sweep.{name}]; "
+                               f"allowed: {', '.join(sorted(_PER_STRATEGY))}")
     for section, allowed in _SECTIONS.items():
         table = raw if not section else raw.get(section, {})
         if not isinstance(table, dict):
             raise LsbenchError(f"{source}: [{section}] must be a table")
+        if section == "sweep":
+            allowed = allowed | set(SWEEP_STRATEGIES)
         unknown = set(table) - allowed
         if unknown:
             where = f"[{section}]" if section else "top level"
@@ -244,25 +258,41 @@ def _base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
                    dtype=dtype, device=device, sweep_file=s.source, threads=threads)
 
 
-def _speculations(s: Settings, section: str, default: list[int]) -> list[int]:
-    ks = parse_int_list(s.get(section, "num_speculations", default), what="num_speculations")
+def _speculations(s: Settings, section: str, default: list[int],
+                  strategy: str | None = None) -> list[int]:
+    value = s.get(section, "num_speculations", default)
+    if strategy is not None:  # a [sweep.<strategy>] table may override it
+        value = (s.get(section, strategy) or {}).get("num_speculations", value)
+    ks = parse_int_list(value, what="num_speculations")
     if any(k < 1 for k in ks):
         raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
     return ks
 
 
-def sweep_job(s: Settings, num_layers: int) -> JobSpec:
-    """The exit-layer sweep: baseline + every (strategy, exit layer, k)."""
-    layers = parse_int_list(s.get("sweep", "exit_layers", "all"), num_layers=num_layers)
+def _exit_layers(s: Settings, num_layers: int, strategy: str | None) -> list[int]:
+    """The sweep's exit layers, or those of the strategy's [sweep.<strategy>] table."""
+    value = s.get("sweep", "exit_layers", "all")
+    if strategy is not None:
+        value = (s.get("sweep", strategy) or {}).get("exit_layers", value)
+    layers = parse_int_list(value, num_layers=num_layers)
     check_exit_layers(layers, num_layers, s.get("", "model"))
+    return layers
+
+
+def sweep_job(s: Settings, num_layers: int) -> JobSpec:
+    """The exit-layer sweep: baseline + every (strategy, exit layer, k); prompt lookup only
+    over k, the lossy exit only over exit layers. A [sweep.<strategy>] table overrides
+    exit_layers or num_speculations for that strategy."""
+    _exit_layers(s, num_layers, None)  # the shared list is checked even where overridden
     strategies = s.typed("sweep", "strategies", list, ["layerskip"])
     for name in strategies:
         if name not in SWEEP_STRATEGIES:
             raise LsbenchError(f"unknown sweep strategy '{name}'; choose from "
                                f"{', '.join(SWEEP_STRATEGIES)}")
-    ks = _speculations(s, "sweep", [4])
     runs = [BASELINE]
     for name in dict.fromkeys(strategies):
+        layers = _exit_layers(s, num_layers, name)
+        ks = _speculations(s, "sweep", [4], name)
         if name == "exit":
             runs += [RunSpec(name, e, 0) for e in layers]
         elif name in LOOKUP:

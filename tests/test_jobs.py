@@ -129,6 +129,7 @@ def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
     ("[sweep]\nexit_layer = [4]\n", "exit_layer", "[sweep]"),
     ("[decoding]\ntemp = 0.5\n", "temp", "[decoding]"),
     ("[compare]\ndraft = ['x/y']\n", "draft", "[compare]"),
+    ("[sweep.pld]\nk = [4]\n", "k", "[sweep.pld]"),
 ])
 def test_unknown_keys_refused(tmp_path: Path, text: str, unknown: str, where: str) -> None:
     path = write(tmp_path / "bad.toml", text)
@@ -137,6 +138,21 @@ def test_unknown_keys_refused(tmp_path: Path, text: str, unknown: str, where: st
     message = str(info.value)
     assert str(path) in message and f"unknown key(s) {unknown} in {where}" in message
     assert "allowed:" in message
+
+
+def test_sweep_file_overrides_layers_and_k_per_strategy(tmp_path: Path) -> None:
+    path = write(tmp_path / "mixed.toml", 'model = "org/m"\n[sweep]\nexit_layers = [2, 4]\n'
+                 'num_speculations = [3]\nstrategies = ["layerskip", "pld", "exit"]\n'
+                 '[sweep.pld]\nnum_speculations = [4, 8]\n[sweep.exit]\nexit_layers = "6"\n')
+    job = sweep_job(Settings.from_file(path), 8)
+    assert job.runs == (BASELINE, RunSpec("layerskip", 2, 3), RunSpec("layerskip", 4, 3),
+                        RunSpec("pld", 0, 4), RunSpec("pld", 0, 8), RunSpec("exit", 6, 0))
+    bad = write(tmp_path / "bad.toml", 'model = "org/m"\n[sweep]\nstrategies = ["exit"]\n'
+                '[sweep.exit]\nexit_layers = [9]\n')
+    with pytest.raises(LsbenchError, match="exit layer 9 out of range"):
+        sweep_job(Settings.from_file(bad), 8)
+    with pytest.raises(LsbenchError, match=r"\[sweep.pld\] must be a table"):
+        Settings.from_file(write(tmp_path / "bad2.toml", '[sweep]\npld = 4\n'))
 
 
 def test_section_that_is_not_a_table_refused(tmp_path: Path) -> None:
