@@ -9,6 +9,10 @@ and each (strategy, prompt) keeps its fastest repeat: interference from other pr
 ever adds time, so the minimum is the least disturbed measurement. Exit status 1 when a
 greedy output differs from autoregressive decoding, else 0.
 
+`pld` (prompt lookup) runs against transformers' `prompt_lookup_num_tokens` at the same k;
+both use the same matcher settings, so they verify the same drafts and the ratio measures the
+engines. Its line is followed by the rounds, those without a match, and the acceptance.
+
 Each `layerskip` line is followed by a cost model: decoder-layer seconds at 1, k and k+1
 tokens and LM-head seconds at 1 and k+1 rows, measured in the same run, put into the per-round
 work of both implementations, with and without the deferred last draft. The shared cache saves
@@ -32,7 +36,8 @@ from lsbench.models import EarlyExitModel, check_exit_layers, load_model
 from lsbench.runner import stop_token_ids
 from lsbench.strategies import generate
 
-AR_TARGET, EXIT_TARGET = 0.97, 1.25
+AR_TARGET, EXIT_TARGET, PLD_TARGET = 0.97, 1.25, 1.10
+TARGETS = {"ar": AR_TARGET, "layerskip": EXIT_TARGET, "pld": PLD_TARGET}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                          stop_token_ids=stop_token_ids(loaded))
     layers = parse_int_list(args.exit_layers, num_layers=model.num_layers)
     check_exit_layers(layers, model.num_layers, args.model)
-    pairs = [(("ar", None), ("hf-ar", None))]
+    pairs = [(("ar", None), ("hf-ar", None)), (("pld", None), ("hf-pld", None))]
     pairs += [(("layerskip", e), ("hf-early-exit", e)) for e in layers]
 
     print(f"{args.model}: {model.num_layers} layers, {len(prompts)} prompts, "
@@ -80,29 +85,38 @@ def main(argv: list[str] | None = None) -> int:
         best: dict[tuple, float] = {}  # (strategy, exit, prompt) -> fastest decode seconds
         tokens = {i: 0 for i in range(len(prompts))}
         rounds = {i: 0 for i in range(len(prompts))}  # lsbench's verification rounds
+        empty = drafted = accepted = 0  # pld: rounds without a match, drafts, accepted drafts
         for name, e in (a, b):  # warm-up, unmeasured
             generate(name, model, prompts[0], DecodingConfig(max_new_tokens=8), k=args.k,
                      exit_layer=e)
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for i, prompt in enumerate(prompts):
                 for name, e in (a, b) if i % 2 == 0 else (b, a):
                     gen = generate(name, model, prompt, cfg, k=args.k, exit_layer=e)
                     key = (name, e, i)
                     best[key] = min(best.get(key, float("inf")), gen.decode_s)
                     tokens[i] = gen.decode_tokens
-                    if name == "layerskip":
+                    if name in ("layerskip", "pld"):
                         rounds[i] = len(gen.drafted)
+                    if name == "pld" and repeat == 0:
+                        empty += gen.drafted.count(0)
+                        drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
                     if gen.tokens != reference[i]:
                         lossless = False
                         print(f"  MISMATCH: {name} E={e} differs from ar on prompt {i}")
         tps = {(n, e): sum(tokens.values()) / sum(best[(n, e, i)] for i in tokens)
                for n, e in (a, b)}
         ratio = tps[a] / tps[b]
-        target = AR_TARGET if a[0] == "ar" else EXIT_TARGET
+        target = TARGETS[a[0]]
         where = "" if a[1] is None else f" E={a[1]:<2}"
         verdict = "ok" if ratio >= target else "BELOW TARGET"
         print(f"{a[0]:>9} vs {b[0]:<13}{where}: {tps[a]:6.2f} vs {tps[b]:6.2f} tok/s "
               f"-> {ratio:.2f}x (target >= {target:.2f}x) {verdict}")
+        if a[0] == "pld":
+            n = sum(rounds.values())
+            rate = f"{accepted / drafted:.3f}" if drafted else "—"
+            print(f"{'':>16}{n} rounds, {empty} without a match ({empty / max(n, 1):.0%}); "
+                  f"acceptance {rate} over the rounds that drafted")
         if a[1] is not None:
             # Greedy drafts and verdicts are the same on both sides, so are the rounds.
             L, e, n = model.num_layers, a[1], sum(rounds.values())

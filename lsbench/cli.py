@@ -34,9 +34,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark early-exit self-speculative decoding (LayerSkip) against "
                        "autoregressive and two-model speculative decoding.")
-# Tables are wide; when a stream is not a terminal rich would wrap them at 80 columns.
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-out = Console(width=None if sys.stdout.isatty() else 120)
+# Tables are wide; when a stream is not a terminal rich would wrap them at 80 columns
+# (wide enough for the sweep table with every optional column).
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -159,8 +160,13 @@ def _print_sweep_table(df) -> None:
         t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs the same "
                         "engine's autoregressive decoding in the same process (95% CI over "
                         "examples)", title_justify="left")
-        cols = ["run", "k", "tokens/s", "speedup", "vs transformers", "acceptance",
-                "accepted len", "ROUGE-L", "lossless"]
+        # Columns that only prompt lookup (rounds without a match) or lossy rows (agreement
+        # with autoregressive decoding) fill appear only with such rows.
+        cols = ["run", "k", "tokens/s", "speedup", "vs transformers", "acceptance"]
+        cols += ["no-draft rounds"] if rows["strategy"].eq("pld").any() else []
+        cols += ["accepted len", "ROUGE-L"]
+        cols += ["agreement"] if rows["lossy"].any() else []
+        cols += ["lossless"]
         for c in cols:
             header = {"speedup": "speedup [95% CI]", "vs transformers": "vs HF"}.get(c, c)
             t.add_column(header, justify="left" if c == "run" else "right")
@@ -170,25 +176,43 @@ def _print_sweep_table(df) -> None:
                                                                            row["draft"])
             if row["strategy"].startswith("hf-") and row["strategy"] != "hf-ar":
                 label = f"{label} (transformers)"
-            cells = [label, "—" if row["strategy"] in ("ar", "hf-ar") else str(row["k"])]
+            cells = [label, "—" if row["strategy"] in ("ar", "hf-ar", "exit") else str(row["k"])]
             cells += [format_cell(c, row[c]) for c in cols[2:-1]]
             if row["speedup 95% CI"] != "—" and row["strategy"] not in ("ar", "hf-ar"):
                 cells[3] += f" [{row['speedup 95% CI']}]"
             match = row["lossless"]
-            cells.append("—" if match != match else "yes" if match == 1 else
-                         f"{match:.0%} ({row['verdict']})")
-            style = "bold green" if row["best"] else ("cyan" if row["strategy"] == "ar" else None)
+            cells.append("lossy" if row["lossy"] else "—" if match != match else
+                         "yes" if match == 1 else f"{match:.0%} ({row['verdict']})")
+            style = ("bold green" if row["best"] else "yellow" if row["lossy"]
+                     else "cyan" if row["strategy"] == "ar" else None)
             t.add_row(*cells, style=style)
         out.print(t)
         best = rows[rows["best"]]
         if len(best):
             b = best.iloc[0]
             verdict = ("faster than" if b["speedup"] > 1 else
-                       "every setting is slower than")
-            out.print(f"best: {escape(b['draft'])}, k={b['k']} at "
+                       "every lossless setting is slower than")
+            k = f", k={b['k']}" if b["k"] else ""
+            out.print(f"best lossless: {escape(_run_name(b))}{k} at "
                       f"{format_cell('speedup', b['speedup'])}: {verdict} its engine's "
                       "autoregressive decoding",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
+        lossy = rows[rows["best lossy"]]
+        if len(lossy):
+            b = lossy.iloc[0]
+            quality = (f"ROUGE-L {format_cell('ROUGE-L', b['ROUGE-L'])}"
+                       if b["ROUGE-L"] == b["ROUGE-L"] else "no references")
+            out.print(f"best lossy: {escape(_run_name(b))} at "
+                      f"{format_cell('speedup', b['speedup'])} with {quality}, "
+                      f"{format_cell('agreement', b['agreement'])} of positions agreeing with "
+                      "autoregressive decoding (not lossless, not in the verdict above)",
+                      highlight=False, soft_wrap=True)
+
+
+def _run_name(row) -> str:
+    """A sweep-table row as the verdict names it: what drafts, and whose implementation."""
+    name = row["draft"] if row["draft"] != "—" else row["strategy"]
+    return f"{name} (transformers)" if row["strategy"].startswith("hf-") else name
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -201,8 +225,10 @@ def sweep(
     exit_layers: Annotated[str | None, typer.Option("--exit-layers", "-e", help="List 4,8,12, "
                            "range start:stop:step (stop included) or all.")] = None,
     num_speculations: Speculations = None,
-    strategy: Annotated[list[str] | None, typer.Option(help="layerskip (default) and/or "
-                        "hf-early-exit (transformers' assistant_early_exit).")] = None,
+    strategy: Annotated[list[str] | None, typer.Option(help="layerskip (default), "
+                        "hf-early-exit (transformers' assistant_early_exit), pld (prompt "
+                        "lookup, swept over k), hf-pld (transformers' prompt lookup), exit "
+                        "(early exit without verification: lossy).")] = None,
     max_new_tokens: MaxNew = None, repeats: Repeats = None, warmup: Warmup = None,
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
@@ -242,13 +268,13 @@ def compare(
                                                         "section; options override it.")] = None,
     model: Model = None,
     draft: Annotated[list[str] | None, typer.Option(help="Draft model (repeatable); must "
-                     "share the target's tokenizer.")] = None,
+                     "share the target's tokenizer. 'pld': prompt lookup, no model.")] = None,
     early_exit: Annotated[list[str] | None, typer.Option(help="Early-exit layer (repeatable, "
                           "or a list 4,8).")] = None,
     num_speculations: Speculations = None,
     hf_reference: Annotated[bool | None, typer.Option("--hf-reference/--no-hf-reference",
-                            help="Also run transformers' assisted generation and "
-                            "assistant_early_exit.")] = None,
+                            help="Also run transformers' assisted generation, "
+                            "assistant_early_exit and prompt lookup.")] = None,
     dataset: Dataset = None, limit: Limit = None, max_new_tokens: MaxNew = None,
     repeats: Repeats = None, warmup: Warmup = None, sample: Sample = None,
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,

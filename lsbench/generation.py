@@ -38,6 +38,7 @@ class Generation:
     draft_prefill_counts: EvalCounts | None = None
     draft_decode_counts: EvalCounts | None = None
     kv_cache_bytes: int = 0  # bytes of the KV-cache tensors allocated at the run's peak
+    draft_s: float = 0.0  # seconds spent proposing drafts (lsbench's speculative loops)
 
 
 def sync(device: torch.device | str) -> None:

@@ -1,5 +1,6 @@
-"""transformers' own `generate()` as a reference: `hf-ar`, `hf-assisted` (a draft model) and
-`hf-early-exit` (`assistant_early_exit`), timed and counted the way lsbench's loops are.
+"""transformers' own `generate()` as a reference: `hf-ar`, `hf-assisted` (a draft model),
+`hf-early-exit` (`assistant_early_exit`) and `hf-pld` (`prompt_lookup_num_tokens`), timed and
+counted the way lsbench's loops are.
 
 Layer-token work is counted through forward hooks on the unmodified model, and a streamer
 marks the first new token so that prefill and decode split at the same point as in
@@ -26,8 +27,9 @@ from lsbench.models import (
     check_draft_vocabulary,
     check_exit_layers,
 )
+from lsbench.prompt_lookup import MAX_NGRAM
 
-HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit")
+HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit", "hf-pld")
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -52,8 +54,8 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
-def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4,
-                              early_exit: int | None = None) -> GenerationConfig:
+def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4, early_exit: int | None = None,
+                              prompt_lookup: bool = False) -> GenerationConfig:
     """A complete GenerationConfig that decodes exactly as lsbench's own loops do.
 
     generate() fills every knob left at None from the checkpoint's generation_config.json and
@@ -77,6 +79,9 @@ def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4,
         # (generate() reads these from the assistant model's own generation_config).
         num_assistant_tokens=k, num_assistant_tokens_schedule="constant",
         assistant_confidence_threshold=0.0, assistant_early_exit=early_exit,
+        # hf-pld: k looked-up tokens a round, the n-gram size `pld` uses (transformers' default).
+        prompt_lookup_num_tokens=k if prompt_lookup else None,
+        max_matching_ngram_size=MAX_NGRAM if prompt_lookup else None,
     )
 
 
@@ -132,7 +137,7 @@ class CountingHooks:
 def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
                 *, k: int = 4, exit_layer: int | None = None,
                 draft: EarlyExitModel | None = None) -> Generation:
-    """`hf-ar`, `hf-assisted` or `hf-early-exit` through model.generate()."""
+    """`hf-ar`, `hf-assisted`, `hf-early-exit` or `hf-pld` through model.generate()."""
     extra: dict = {}
     early_exit = None
     if strategy == "hf-assisted":
@@ -149,7 +154,8 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     elif strategy == "hf-early-exit":
         check_exit_layers([exit_layer], model.num_layers)
         early_exit = exit_layer
-    gen_cfg = neutral_generation_config(cfg, k=k, early_exit=early_exit)
+    gen_cfg = neutral_generation_config(cfg, k=k, early_exit=early_exit,
+                                        prompt_lookup=strategy == "hf-pld")
     padded = range(model.vocab_size, model.model.lm_head.out_features)
     if len(padded):  # LM-head rows past the tokenizer: never chosen, as in lsbench's loops
         gen_cfg.suppress_tokens = list(padded)

@@ -34,6 +34,10 @@ class RunSpec:
     def label(self) -> str:
         if self.strategy in ("ar", "hf-ar"):
             return self.strategy
+        if self.strategy in LOOKUP:
+            return f"{self.strategy} k={self.num_speculations}"
+        if self.strategy == "exit":
+            return f"exit E={self.exit_layer} (lossy)"
         if self.draft_model:
             return f"{self.strategy} draft={self.draft_model} k={self.num_speculations}"
         return f"{self.strategy} E={self.exit_layer} k={self.num_speculations}"
@@ -54,6 +58,11 @@ def with_baselines(runs: list[RunSpec]) -> list[RunSpec]:
     """`ar` first, then `hf-ar` whenever a transformers reference is measured."""
     needed = [BASELINE] + [HF_BASELINE] * any(baseline_of(r) == HF_BASELINE for r in runs)
     return needed + [r for r in runs if r not in needed]
+LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit layer
+# Strategies `lsbench sweep` accepts: early exit verified (swept over E and k), prompt lookup
+# (over k) and early exit without verification (over E; lossy).
+SWEEP_STRATEGIES = ("layerskip", "hf-early-exit", "pld", "hf-pld", "exit")
+PLD_DRAFT = "pld"  # `compare --draft pld`: prompt lookup, a pseudo-draft that loads no model
 
 
 @dataclass(frozen=True)
@@ -143,11 +152,25 @@ _SECTIONS = {
 }
 
 
+# [sweep.<strategy>] tables override the sweep's exit layers or k for one strategy.
+_PER_STRATEGY = {"exit_layers", "num_speculations"}
+
+
 def _check_keys(raw: dict, source: str) -> None:
+    for name in SWEEP_STRATEGIES:
+        table = raw.get("sweep", {}).get(name, {}) if isinstance(raw.get("sweep"), dict) else {}
+        if not isinstance(table, dict):
+            raise LsbenchError(f"{source}: [sweep.{name}] must be a table")
+        unknown = sorted(set(table) - _PER_STRATEGY)
+        if unknown:
+            raise LsbenchError(f"{source}: unknown key(s) {', '.join(unknown)} in [sweep.{name}]; "
+                               f"allowed: {', '.join(sorted(_PER_STRATEGY))}")
     for section, allowed in _SECTIONS.items():
         table = raw if not section else raw.get(section, {})
         if not isinstance(table, dict):
             raise LsbenchError(f"{source}: [{section}] must be a table")
+        if section == "sweep":
+            allowed = allowed | set(SWEEP_STRATEGIES)
         unknown = set(table) - allowed
         if unknown:
             where = f"[{section}]" if section else "top level"
@@ -250,29 +273,53 @@ def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
                    dtype=dtype, device=device, sweep_file=s.source, threads=threads)
 
 
-def _speculations(s: Settings, section: str, default: list[int]) -> list[int]:
-    ks = parse_int_list(s.get(section, "num_speculations", default), what="num_speculations")
+def _speculations(s: Settings, section: str, default: list[int],
+                  strategy: str | None = None) -> list[int]:
+    value = s.get(section, "num_speculations", default)
+    if strategy is not None:  # a [sweep.<strategy>] table may override it
+        value = (s.get(section, strategy) or {}).get("num_speculations", value)
+    ks = parse_int_list(value, what="num_speculations")
     if any(k < 1 for k in ks):
         raise LsbenchError(f"num_speculations must be >= 1, got {ks}")
     return ks
 
 
-def sweep_job(s: Settings, num_layers: int) -> JobSpec:
-    """The exit-layer sweep: baseline + every (strategy, exit layer, k)."""
-    layers = parse_int_list(s.get("sweep", "exit_layers", "all"), num_layers=num_layers)
+def _exit_layers(s: Settings, num_layers: int, strategy: str | None) -> list[int]:
+    """The sweep's exit layers, or those of the strategy's [sweep.<strategy>] table."""
+    value = s.get("sweep", "exit_layers", "all")
+    if strategy is not None:
+        value = (s.get("sweep", strategy) or {}).get("exit_layers", value)
+    layers = parse_int_list(value, num_layers=num_layers)
     check_exit_layers(layers, num_layers, s.get("", "model"))
+    return layers
+
+
+def sweep_job(s: Settings, num_layers: int) -> JobSpec:
+    """The exit-layer sweep: baseline + every (strategy, exit layer, k); prompt lookup only
+    over k, the lossy exit only over exit layers. A [sweep.<strategy>] table overrides
+    exit_layers or num_speculations for that strategy."""
+    _exit_layers(s, num_layers, None)  # the shared list is checked even where overridden
     strategies = s.typed("sweep", "strategies", list, ["layerskip"])
     for name in strategies:
-        if name not in ("layerskip", "hf-early-exit"):
-            raise LsbenchError(f"sweep strategy '{name}' is not an early-exit strategy; "
-                               "choose layerskip and/or hf-early-exit")
-    runs = [RunSpec(name, e, k) for name in strategies for e in layers
-            for k in _speculations(s, "sweep", [4])]
+        if name not in SWEEP_STRATEGIES:
+            raise LsbenchError(f"unknown sweep strategy '{name}'; choose from "
+                               f"{', '.join(SWEEP_STRATEGIES)}")
+    runs: list[RunSpec] = []
+    for name in dict.fromkeys(strategies):
+        layers = _exit_layers(s, num_layers, name)
+        ks = _speculations(s, "sweep", [4], name)
+        if name == "exit":
+            runs += [RunSpec(name, e, 0) for e in layers]
+        elif name in LOOKUP:
+            runs += [RunSpec(name, 0, k) for k in ks]
+        else:
+            runs += [RunSpec(name, e, k) for e in layers for k in ks]
     return base_job(s, with_baselines(runs), "sweep")
 
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
-    """Draft models against early exit: baseline + spec per draft + layerskip per layer."""
+    """Draft models against early exit: baseline + spec per draft (pld for the pseudo-draft
+    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference."""
     drafts = s.typed("compare", "drafts", list, [])
     if not all(isinstance(d, str) and d for d in drafts):
         raise LsbenchError(f"drafts must be model names, got {drafts!r}")
@@ -283,12 +330,16 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
         raise LsbenchError("nothing to compare: give --draft and/or --early-exit")
     ks = _speculations(s, "compare", [4])
     hf = s.typed("compare", "hf_reference", bool, False)
+    lookup = PLD_DRAFT in drafts
+    drafts = [d for d in drafts if d != PLD_DRAFT]
     runs: list[RunSpec] = []
     for k in ks:
         runs += [RunSpec("spec", 0, k, d) for d in drafts]
+        runs += [RunSpec("pld", 0, k)] if lookup else []
         runs += [RunSpec("layerskip", e, k) for e in layers]
         if hf:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
+            runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
     return base_job(s, with_baselines(runs), "compare")
 

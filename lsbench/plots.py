@@ -1,5 +1,6 @@
 """The blog's figures from result rows: throughput, speedup and acceptance against the exit
-layer, and the draft options compared. Works on DataFrames only (no torch).
+layer, quality against speed per exit layer for the lossy early exit, and the draft options
+compared. Works on DataFrames only (no torch).
 
 Figures are built as plain `Figure` objects on the Agg canvas, never through pyplot, so that
 plotting touches no global backend state; `sweep_figures`/`compare_figures` return them for
@@ -20,6 +21,7 @@ from lsbench.errors import LsbenchError
 from lsbench.report import (
     DRAFT_MODEL,
     EARLY_EXIT,
+    LOSSY,
     NONE,
     draft_label,
     human_count,
@@ -128,12 +130,69 @@ def _draw_sweep_panel(ax: Axes, rows: pd.DataFrame, metric: str, colors: dict) -
     ax.legend(fontsize="small")
 
 
+def _quality_column(rows: pd.DataFrame) -> tuple[str, str]:
+    """ROUGE-L where the dataset has references, else agreement with autoregressive output."""
+    if rows["rougeL"].notna().any():
+        return "rougeL", "ROUGE-L vs reference"
+    return "agreement", "agreement with autoregressive output"
+
+
+def _draw_quality_panel(top: Axes, bottom: Axes, rows: pd.DataFrame) -> None:
+    """Speedup (top) and quality (bottom) against E: lossy `exit` beside lossless layerskip."""
+    quality, qlabel = _quality_column(rows)
+    lines = [(("exit",), "exit, unverified (lossy)", dict(color="C3", ls="--", marker="s"))]
+    lines += [(("layerskip", k), f"layerskip k={int(k)} (lossless)",
+               dict(color=f"C{i}", ls="-", marker="o"))
+              for i, k in enumerate(sorted(rows.loc[rows["strategy"] == "layerskip",
+                                                    "num_speculations"].unique()))]
+    for key, label, style in lines:
+        line = rows[rows["strategy"] == key[0]]
+        if len(key) > 1:
+            line = line[line["num_speculations"] == key[1]]
+        line = line.sort_values("exit_layer")
+        top.errorbar(line["exit_layer"], line["speedup_median"], yerr=_iqr(line, "speedup"),
+                     capsize=3, label=label, **style)
+        bottom.plot(line["exit_layer"], line[quality], label=label, **style)
+    top.axhline(1.0, color="black", ls="--", lw=1, label="autoregressive (1.0x)")
+    base = rows[rows["is_baseline"]]
+    if len(base) and base[quality].notna().any():
+        bottom.axhline(float(base[quality].mean()), color="black", ls="--", lw=1,
+                       label="autoregressive")
+    top.set_ylabel("speedup over autoregressive (x)")
+    bottom.set_ylabel(qlabel)
+    layers = rows["model_num_layers"].dropna()
+    of = f" (of {int(layers.iloc[0])})" if len(layers) else ""
+    bottom.set_xlabel(f"exit layer E{of}")
+    for ax in (top, bottom):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    top.legend(fontsize="small")
+
+
+def quality_speed_figure(summary: pd.DataFrame) -> Figure | None:
+    """Quality against speed per exit layer: what exiting early without verification gains
+    in speed and loses in quality, next to lossless layerskip; None without `exit` runs."""
+    panels = [(t, r) for t, r in _panels(summary) if r["strategy"].isin(LOSSY).any()]
+    if not panels:
+        return None
+    fig = Figure(figsize=(PANEL_WIDTH * len(panels), 2 * HEIGHT), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(panels), sharex="col", squeeze=False)
+    for i, (title, rows) in enumerate(panels):
+        _draw_quality_panel(axes[0][i], axes[1][i], rows)
+        axes[0][i].set_title(title, fontsize="medium")
+    fig.suptitle("Quality vs speed per exit layer: early exit without verification is lossy")
+    return fig
+
+
 def sweep_figures(df: pd.DataFrame) -> dict[str, Figure]:
     """File stem -> figure; empty when there are no early-exit runs to plot."""
     summary = summarize(df)
+    quality = quality_speed_figure(summary)
+    extra = {"quality_speed_vs_exit_layer": quality} if quality is not None else {}
     panels = [(t, r) for t, r in _panels(summary) if r["strategy"].isin(EARLY_EXIT).any()]
     if not panels:
-        return {}
+        return extra
     early = summary[summary["strategy"].isin(EARLY_EXIT)]
     # The same k gets the same color in every panel, so panels compare at a glance.
     colors = {k: f"C{i}" for i, k in enumerate(sorted(early["num_speculations"].unique()))}
@@ -151,7 +210,7 @@ def sweep_figures(df: pd.DataFrame) -> dict[str, Figure]:
             axes[0].set_ylim(0, 1.05)
         fig.suptitle(SWEEP_TITLES[metric])
         figures[stem] = fig
-    return figures
+    return {**figures, **extra}
 
 
 def _option_label(row: pd.Series) -> str:
@@ -168,6 +227,8 @@ def _option_label(row: pd.Series) -> str:
 
 
 def _option_color(strategy: str) -> str:
+    if strategy in LOSSY:
+        return "C3"
     return "C0" if strategy in EARLY_EXIT else "C1" if strategy in DRAFT_MODEL else "C7"
 
 
@@ -183,8 +244,11 @@ def _speedup_figure(summary: pd.DataFrame) -> Figure | None:
     fig, axes = _figure(len(panels), width=max(PANEL_WIDTH, 0.7 * widest + 2))
     for ax, (title, rows) in zip(axes, panels, strict=True):
         x = range(len(rows))
-        ax.bar(x, rows["speedup_median"], yerr=_iqr(rows, "speedup"), capsize=3,
-               color=[_option_color(s) for s in rows["strategy"]])
+        bars = ax.bar(x, rows["speedup_median"], yerr=_iqr(rows, "speedup"), capsize=3,
+                      color=[_option_color(s) for s in rows["strategy"]])
+        for bar, lossy in zip(bars, rows["lossy"], strict=True):
+            if lossy:  # hatched: not comparable with the lossless bars' verdict
+                bar.set_hatch("//")
         ax.axhline(1.0, color="black", ls="--", lw=1, label="autoregressive (1.0x)")
         ax.set_xticks(list(x), [_option_label(r) for _, r in rows.iterrows()], rotation=35,
                       ha="right", fontsize="small")

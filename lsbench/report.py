@@ -17,17 +17,21 @@ from lsbench.errors import LsbenchError
 
 EARLY_EXIT = ("layerskip", "hf-early-exit")
 DRAFT_MODEL = ("spec", "hf-assisted")
+PROMPT_LOOKUP = ("pld", "hf-pld")
+# Lossy by design (for rows written before the `lossy` column; the column decides otherwise).
+LOSSY = ("exit",)
 GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculations", "dataset",
               "do_sample", "run_id"]
 # Constant within a run; carried into the summary so that tables need not go back to the rows.
 CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
-MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s"]
+MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s"]
 NONE = "—"
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
 BOOTSTRAP_SEED = 0
 # lsbench's strategy -> transformers' counterpart, for the cross-engine column
-COUNTERPART = {"ar": "hf-ar", "layerskip": "hf-early-exit", "spec": "hf-assisted"}
+COUNTERPART = {"ar": "hf-ar", "layerskip": "hf-early-exit", "spec": "hf-assisted",
+               "pld": "hf-pld"}
 
 
 def _group_keys(df: pd.DataFrame) -> list[str]:
@@ -119,15 +123,28 @@ def _cross_engine(summary: pd.DataFrame) -> pd.Series:
     return out
 
 
+def _lossy(g: pd.DataFrame, strategy: str) -> bool:
+    if "lossy" in g.columns and g["lossy"].notna().any():
+        return bool(g["lossy"].astype("boolean").fillna(False).any())
+    return strategy in LOSSY
+
+
+def _rounds_total(g: pd.DataFrame, col: str) -> float:
+    """Sum over the run's rows; NaN where no row knows it (transformers' loops)."""
+    s = _numeric(g, col)
+    return float(s.sum()) if s.notna().any() else math.nan
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per run. Columns: the group keys, CARRIED, n, `<m>_median/_p25/_p75` for
-    tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted),
-    mean_accepted_len, rougeL and match_rate (means), flops_prefill, flops_per_output_token and
-    prefill_s (medians); the speedup estimators (`_speedup_estimates`): speedup_example_median
-    with speedup_ci_low/high, time_ratio, n_examples; baseline_strategy; the losslessness
-    verdict (worst of the rows) with near_ties and mismatches; and vs_transformers, lsbench's
-    ms/token over transformers' for the same configuration. Each model/dataset block starts
-    with its baselines."""
+    """One row per run. Columns: the group keys, CARRIED, lossy, n, `<m>_median/_p25/_p75` for
+    tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted, so
+    rounds that drafted nothing do not count), rounds and rounds_without_draft (sums),
+    mean_accepted_len, rougeL, agreement and match_rate (means), flops_prefill,
+    flops_per_output_token, prefill_s and draft_s (medians); the speedup estimators
+    (`_speedup_estimates`): speedup_example_median with speedup_ci_low/high, time_ratio,
+    n_examples; baseline_strategy; the losslessness verdict (worst of the rows) with near_ties
+    and mismatches; and vs_transformers, lsbench's ms/token over transformers' for the same
+    configuration. Each model/dataset block starts with its baselines."""
     if df.empty:
         raise LsbenchError("no rows to summarize")
     keys = _group_keys(df)
@@ -145,6 +162,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         for col in CARRIED:
             rec[col] = g[col].iloc[0] if col in g.columns else pd.NA
         rec["is_baseline"] = bool(g["is_baseline"].astype("boolean").fillna(False).any())
+        rec["lossy"] = _lossy(g, rec["strategy"])
         rec["n"] = len(g)
         for col in SPREAD:
             s = _numeric(g, col)
@@ -152,8 +170,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             rec[f"{col}_p25"] = s.quantile(0.25)
             rec[f"{col}_p75"] = s.quantile(0.75)
         rec["acceptance_rate"] = _acceptance(g)
+        rec["rounds"] = _rounds_total(g, "rounds")
+        rec["rounds_without_draft"] = _rounds_total(g, "rounds_without_draft")
         rec["mean_accepted_len"] = _numeric(g, "mean_accepted_len").mean()
         rec["rougeL"] = _numeric(g, "rougeL").mean()
+        rec["agreement"] = _numeric(g, "agreement").mean()
         rec["match_rate"] = _match_rate(g)
         for col in MEDIANS:
             rec[col] = _numeric(g, col).median()
@@ -171,9 +192,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def draft_label(strategy: str, draft_model: str, exit_layer: int) -> str:
-    """What drafts the tokens: the model's own early exit, a separate model, or nothing."""
+    """What drafts the tokens: the model's own early exit, a separate model, prompt lookup, or
+    nothing; the lossy early exit (nothing verified) says so."""
     if strategy in EARLY_EXIT:
         return f"early exit @ layer {int(exit_layer)}"
+    if strategy in LOSSY:
+        return f"early exit @ layer {int(exit_layer)}, unverified (lossy)"
+    if strategy in PROMPT_LOOKUP:
+        return "prompt lookup"
     if strategy in DRAFT_MODEL:
         return draft_model or NONE
     return NONE
@@ -205,9 +231,18 @@ def _file_column(summary: pd.DataFrame) -> dict[str, pd.Series]:
     return {"file": summary["source_file"]} if "source_file" in summary.columns else {}
 
 
+def no_draft_share(summary: pd.DataFrame) -> pd.Series:
+    """Share of rounds that proposed nothing (prompt lookup without a match); NaN for
+    strategies that never draft or whose drafting lsbench cannot see."""
+    share = summary["rounds_without_draft"] / summary["rounds"].where(summary["rounds"] > 0)
+    return share.where(summary["strategy"].isin(("spec", "layerskip", "pld")))
+
+
 def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
     """The end-of-sweep table: every run per model (baseline first, then each exit layer and k),
-    with `best` on the highest median speedup among the non-baseline runs of each model."""
+    with `best` on the highest median speedup among the lossless non-baseline runs of each
+    model, and `best lossy` on the fastest lossy one (its quality is in ROUGE-L/agreement):
+    a lossy row never wins the lossless verdict."""
     s = summarize(df)
     table = pd.DataFrame({
         **_file_column(s),
@@ -225,16 +260,21 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
         "n": s["n_examples"],
         "vs transformers": s["vs_transformers"],
         "acceptance": s["acceptance_rate"],
+        "no-draft rounds": no_draft_share(s),
         "accepted len": s["mean_accepted_len"],
         "ROUGE-L": s["rougeL"],
+        "agreement": s["agreement"],
         "lossless": s["match_rate"],
         "verdict": s["verdict"],
+        "lossy": s["lossy"],
     })
     table["best"] = False
+    table["best lossy"] = False
     blocks = [k for k in ("source_file", "model", "dataset") if k in s.columns]
     candidates = s[~s["is_baseline"] & s["speedup_example_median"].notna()]
-    for _, g in candidates.groupby(blocks, sort=False):
-        table.loc[g["speedup_example_median"].idxmax(), "best"] = True
+    for lossy, column in ((False, "best"), (True, "best lossy")):
+        for _, g in candidates[candidates["lossy"] == lossy].groupby(blocks, sort=False):
+            table.loc[g["speedup_example_median"].idxmax(), column] = True
     return table
 
 
@@ -248,7 +288,7 @@ def blog_table(df: pd.DataFrame) -> pd.DataFrame:
     "FLOPs/Input (G)" columns were times, here FLOPs and seconds are separate columns."""
     s = summarize(df)
     size = [
-        f"{int(e)} layers" if strategy in EARLY_EXIT
+        f"{int(e)} layers" if strategy in EARLY_EXIT or strategy in LOSSY
         else human_count(p) if strategy in DRAFT_MODEL else NONE
         for strategy, e, p in zip(s["strategy"], s["exit_layer"], s["draft_params"], strict=True)
     ]
@@ -322,6 +362,8 @@ def format_cell(column: str, value) -> str:
         return _sig(value)
     if "accepted_len" in name or "accepted len" in name:
         return f"{value:.2f}"
+    if "no-draft" in name or name == "agreement":
+        return f"{value:.0%}"
     if any(w in name for w in ("acceptance", "rouge", "match")):
         return f"{value:.3f}"
     return _sig(value, 4)

@@ -50,7 +50,7 @@ from lsbench.models import (
 )
 from lsbench.schema import SCHEMA_VERSION
 from lsbench.store import ResultStore
-from lsbench.strategies import generate
+from lsbench.strategies import LOSSY, generate
 
 WARMUP_TOKENS = 16  # warm-up generations are short: they only need every kernel shape once
 # What must be equal for two rows to be compared (beyond the run id: model, data, decoding,
@@ -370,7 +370,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
             hist[a] += 1
     if gen.drafted:  # lsbench's speculative loops
         rounds = len(gen.drafted)
-    elif run.strategy in ("ar", "hf-ar"):
+    elif run.strategy in ("ar", "hf-ar", "exit"):
         rounds = gen.decode_tokens
     else:  # generate()'s assisted loop: one target forward through the last layer per round
         rounds = gen.decode_counts.layer_calls[-1]
@@ -385,6 +385,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
     base_ids = baseline["output_ids"] if baseline else None
     total_s = gen.prefill_s + gen.decode_s
     weights = weight_bytes(target.model) + (weight_bytes(draft[0].model) if draft else 0)
+    hf = run.strategy.startswith("hf-")  # transformers' loop: drafting is not observable
     return {
         "run_id": job.run_id(run), "sweep_name": job.name, "sweep_file": job.sweep_file,
         "strategy": run.strategy, "is_baseline": run in BASELINES,
@@ -403,8 +404,10 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "article_truncated": prompt.truncated,
         "output_ids": gen.tokens, "output_text": text, "new_tokens": len(gen.tokens),
         "decode_tokens": gen.decode_tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
-        "total_s": total_s, "rounds": rounds,
+        "total_s": total_s, "draft_s": math.nan if hf else gen.draft_s,
+        "lossy": run.strategy in LOSSY, "rounds": rounds,
         "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted, "accept_hist": hist,
+        "rounds_without_draft": None if hf else gen.drafted.count(0),
         "layer_tokens_prefill": gen.prefill_counts.layer_tokens,
         "layer_tokens_decode": gen.decode_counts.layer_tokens,
         "attn_pairs_prefill": gen.prefill_counts.attn_pairs,

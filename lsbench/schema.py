@@ -16,7 +16,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "stable hash of everything that defines the run (resume key)"),
     ("sweep_name", pa.string(), "name of the sweep or compare job"),
     ("sweep_file", pa.string(), "sweep file the run came from, empty when none"),
-    ("strategy", pa.string(), "ar | spec | layerskip | hf-ar | hf-assisted | hf-early-exit"),
+    ("strategy", pa.string(), "ar | spec | layerskip | pld | exit | hf-ar | hf-assisted | "
+     "hf-early-exit | hf-pld"),
     ("is_baseline", pa.bool_(), "true for an autoregressive baseline: ar (lsbench) or hf-ar "
      "(transformers)"),
     ("model", pa.string(), "target model as given (embedded name, hub id, directory, .gguf)"),
@@ -26,8 +27,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("draft_model", pa.string(), "draft model for spec/hf-assisted, empty otherwise"),
     ("draft_num_layers", pa.int64(), "decoder layers of the draft model (0 when none)"),
     ("draft_params", pa.int64(), "parameters of the draft model (0 when none)"),
-    ("exit_layer", pa.int64(), "early-exit layer E for layerskip/hf-early-exit, 0 otherwise"),
-    ("num_speculations", pa.int64(), "draft tokens per round k, 0 for autoregressive"),
+    ("exit_layer", pa.int64(), "early-exit layer E for layerskip/hf-early-exit/exit, 0 otherwise"),
+    ("num_speculations", pa.int64(), "draft tokens per round k, 0 for autoregressive and exit"),
     ("dataset", pa.string(), "dataset name"),
     ("dataset_split", pa.string(), "split (hub datasets)"),
     ("dataset_fingerprint", pa.string(), "hash of the selected examples' text"),
@@ -54,10 +55,17 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
+     "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
+    ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
+     "design (exit); never part of a lossless verdict"),
     ("rounds", pa.int64(), "verification rounds (decode steps for autoregressive)"),
     ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
     ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),
     ("accept_hist", pa.list_(pa.int64()), "rounds with i accepted drafts, i = 0..k"),
+    ("rounds_without_draft", pa.int64(), "rounds that proposed nothing (pld without a match, "
+     "or no budget left to draft in the last round; "
+     "0 for ar/exit, null for transformers' runs)"),
     ("layer_tokens_prefill", pa.list_(pa.int64()), "per target layer: tokens evaluated in prefill"),
     ("layer_tokens_decode", pa.list_(pa.int64()), "per target layer: tokens evaluated in decode"),
     ("attn_pairs_prefill", pa.list_(pa.int64()), "per target layer: query-key pairs in prefill"),

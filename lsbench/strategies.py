@@ -1,7 +1,8 @@
-"""lsbench's decoding loops. Read top to bottom: sampling, prefill, the autoregressive loop,
-the speculative loop with its two drafters (a separate draft model; the model's own early exit
-sharing one KV cache), then `generate`, which runs a strategy by name (transformers'
-`generate()` references live in `hf_reference`).
+"""lsbench's decoding loops. Read top to bottom: sampling, prefill, the autoregressive loop
+(and the lossy early exit, the same loop through fewer layers), the speculative loop with its
+three drafters (a separate draft model; the model's own early exit sharing one KV cache;
+prompt lookup, which costs no model work), then `generate`, which runs a strategy by name
+(transformers' `generate()` references live in `hf_reference`).
 
 Every strategy returns a `Generation`: raw facts only (tokens, seconds, per-round counts,
 layer-token evaluations). Derived metrics are computed elsewhere from these.
@@ -24,8 +25,10 @@ from lsbench.models import (
     check_exit_layers,
     crop_cache,
 )
+from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
 
-STRATEGIES = ("ar", "spec", "layerskip", *HF_STRATEGIES)
+STRATEGIES = ("ar", "spec", "layerskip", "pld", "exit", *HF_STRATEGIES)
+LOSSY = ("exit",)  # strategies whose output may differ from the full model's by design
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -70,27 +73,33 @@ class Sampler:
 
 # --- prefill and autoregressive decoding ----------------------------------------------------
 
-def prefill(model: EarlyExitModel, prompt: torch.Tensor, cache) -> torch.Tensor:
-    """All layers over the prompt; logits of its last position only."""
-    hidden = model.run_layers(model.embed(prompt), cache, 0, model.num_layers)
+def prefill(model: EarlyExitModel, prompt: torch.Tensor, cache,
+            depth: int | None = None) -> torch.Tensor:
+    """Layers [0, depth) (all by default) over the prompt; logits of its last position only."""
+    hidden = model.run_layers(model.embed(prompt), cache, 0,
+                              model.num_layers if depth is None else depth)
     return model.logits(hidden[:, -1:])[0, -1]
 
 
 @torch.inference_mode()
-def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig) -> Generation:
+def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
+                depth: int | None = None) -> Generation:
+    """Autoregressive decoding through layers [0, depth) + final norm + LM head; all layers by
+    default, the lossy early exit (`generate_exit`) otherwise."""
+    depth = model.num_layers if depth is None else depth
     sampler = Sampler(cfg, model.device)
     cache = model.new_cache()
     counts0 = model.counts.copy()
     sync(model.device)
     t0 = time.perf_counter()
-    token, _ = sampler.pick(prefill(model, prompt_tensor(model, prompt_ids), cache))
+    token, _ = sampler.pick(prefill(model, prompt_tensor(model, prompt_ids), cache, depth))
     sync(model.device)
     t1 = time.perf_counter()
     counts1 = model.counts.copy()
     out = [token]
     while len(out) < cfg.max_new_tokens and token not in cfg.stop_token_ids:
         ids = torch.tensor([[token]], device=model.device)
-        hidden = model.run_layers(model.embed(ids), cache, 0, model.num_layers)
+        hidden = model.run_layers(model.embed(ids), cache, 0, depth)
         token, _ = sampler.pick(model.logits(hidden)[0, -1])
         out.append(token)
     sync(model.device)
@@ -101,7 +110,16 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
                       kv_cache_bytes=cache_bytes(cache))
 
 
-# --- speculative decoding: one propose/verify loop, two drafters ----------------------------
+def generate_exit(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig,
+                  exit_layer: int) -> Generation:
+    """Early exit without verification (lossy): layers [0, E) + final norm + LM head for every
+    token. The prompt is prefilled through [0, E) only: the deep layers never run, which is
+    what exiting early means (and what the LayerSkip repository's exit-layer decoding does)."""
+    check_exit_layers([exit_layer], model.num_layers)
+    return generate_ar(model, prompt_ids, cfg, depth=exit_layer)
+
+
+# --- speculative decoding: one propose/verify loop, three drafters --------------------------
 
 class VerifyLogits:
     """The full model's logits at each verified position, computed on demand: position 0
@@ -252,6 +270,40 @@ class DraftModelSpeculator:
         crop_cache(self.draft_cache, cached_len)
 
 
+class PromptLookupSpeculator:
+    """Prompt-lookup drafter: copies what followed an earlier occurrence of the n-gram that
+    ends the committed text (prompt + output; see `prompt_lookup`). No model work: with no
+    match a round drafts nothing and is a plain decode step. Its q is a point mass on each
+    draft, so sampling accepts a draft x with probability p(x) and resamples from p without x.
+    """
+
+    def __init__(self, model: EarlyExitModel, cache, stop_token_ids: tuple[int, ...] = (),
+                 max_ngram: int = MAX_NGRAM):
+        self.model, self.cache = model, cache
+        self.stop_token_ids, self.max_ngram = frozenset(stop_token_ids), max_ngram
+
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Nothing to do: the drafter is a lookup in the committed tokens."""
+
+    def draft(self, committed: list[int], k: int, sampler: Sampler):
+        tokens = lookup_drafts(committed, k, max_ngram=self.max_ngram,
+                               stop_token_ids=self.stop_token_ids)
+        if sampler.greedy:
+            return tokens, [None] * len(tokens)
+        points = torch.zeros(len(tokens), self.model.vocab_size, device=self.model.device)
+        points[torch.arange(len(tokens)), tokens] = 1.0
+        return tokens, list(points)
+
+    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+        """Full-model logits at the pending token and at every draft."""
+        m = self.model
+        ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
+        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))
+
+    def end_round(self, cached_len: int, all_accepted: bool) -> None:
+        crop_cache(self.cache, cached_len)
+
+
 def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
            sampler: Sampler) -> tuple[int, int | None]:
     """(accepted drafts, next token) from the full model's logits at each drafted position.
@@ -280,8 +332,11 @@ def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
 @torch.inference_mode()
 def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, k: int,
                          *, exit_layer: int | None = None, draft: EarlyExitModel | None = None,
+                         prompt_lookup: bool = False,
                          on_round: Callable[[object, list[int]], None] | None = None) -> Generation:
-    """`layerskip` when exit_layer is given, `spec` when a draft model is given."""
+    """`layerskip` when exit_layer is given, `spec` when a draft model is given, `pld` with
+    prompt_lookup. `draft_s` sums the time spent proposing: every drafter hands back its
+    tokens as Python ints, so the device has finished the draft work when the timer reads."""
     if k < 1:
         raise LsbenchError(f"number of speculations must be >= 1, got {k}")
     sampler = Sampler(cfg, model.device)
@@ -289,6 +344,8 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     if draft is not None:
         check_draft_vocabulary(model, draft)
         speculator = DraftModelSpeculator(model, cache, draft)
+    elif prompt_lookup:
+        speculator = PromptLookupSpeculator(model, cache, cfg.stop_token_ids)
     else:
         check_exit_layers([exit_layer], model.num_layers)
         speculator = SelfSpeculator(model, cache, exit_layer)
@@ -305,10 +362,12 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     c1, d1 = model.counts.copy(), drafter_counts.copy() if drafter_counts else None
 
     committed = [*prompt_ids, token]
-    out, drafted, accepted = [token], [], []
+    out, drafted, accepted, draft_s = [token], [], [], 0.0
     while len(out) < cfg.max_new_tokens and out[-1] not in cfg.stop_token_ids:
         budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
+        proposing = time.perf_counter()
         drafts, probs = speculator.draft(committed, budget, sampler)
+        draft_s += time.perf_counter() - proposing
         n_ok, token = accept(drafts, probs, speculator.verify(committed, drafts), sampler)
         # Drafting stops at a stop token, so one can only be the last draft: then the round
         # emits n_ok tokens instead of n_ok + 1 and generation ends.
@@ -327,7 +386,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         out, t1 - t0, t2 - t1, len(out) - 1, drafted, accepted,
         prefill_counts=c1.minus(c0), decode_counts=model.counts.minus(c1),
         draft_prefill_counts=d1.minus(d0) if d0 else None,
-        draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
+        draft_decode_counts=drafter_counts.minus(d1) if d1 else None, draft_s=draft_s,
         # Buffers only grow (a rollback is a view), so the end is the peak.
         kv_cache_bytes=cache_bytes(cache, getattr(speculator, "draft_cache", None)),
     )
@@ -341,6 +400,10 @@ def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: D
         return generate_ar(model, prompt_ids, cfg)
     if strategy == "layerskip":
         return generate_speculative(model, prompt_ids, cfg, k, exit_layer=exit_layer)
+    if strategy == "pld":
+        return generate_speculative(model, prompt_ids, cfg, k, prompt_lookup=True)
+    if strategy == "exit":
+        return generate_exit(model, prompt_ids, cfg, exit_layer)
     if strategy == "spec":
         if draft is None:
             raise LsbenchError("strategy 'spec' needs a draft model")

@@ -47,7 +47,8 @@ def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, t
     assert "greedy outputs identical to ar for every strategy: yes" in out
     assert "unit costs: decoder layer" in out
     lines = [line for line in out.splitlines() if " vs " in line and "tok/s" in line]
-    assert [line.split()[0] for line in lines] == ["ar", "layerskip", "layerskip"]
+    assert [line.split()[0] for line in lines] == ["ar", "pld", "layerskip", "layerskip"]
+    assert "pld vs hf-pld" in out and "without a match" in out
     assert out.count("per round:") == 2 and "a ceiling of" in out
 
 

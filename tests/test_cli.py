@@ -95,12 +95,31 @@ def no_measuring(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 # --- sweep and compare ------------------------------------------------------------------------
 
+def test_sweep_with_pld_and_lossy_exit(tiny_model_dir: Path, data_file: Path,
+                                       tmp_path: Path) -> None:
+    out = tmp_path / "sweep.parquet"
+    args = sweep_args(tiny_model_dir, data_file, out, "--strategy", "layerskip", "--strategy",
+                      "pld", "--strategy", "exit")
+    result = invoke(*[a if a != "1,3" else "1,4" for a in args])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    verdict = [line for line in lines if line.startswith("best lossless: ")]
+    lossy = [line for line in lines if line.startswith("best lossy: ")]
+    assert len(verdict) == 1 and "lossy" not in verdict[0].removeprefix("best lossless: ")
+    assert len(lossy) == 1 and "unverified (lossy)" in lossy[0] and "ROUGE-L" in lossy[0]
+    assert "prompt lookup" in result.stdout and "no-draft" in result.stdout
+    df = pd.read_parquet(out)
+    assert set(df.strategy) == {"ar", "layerskip", "pld", "exit"}
+    assert df[df.strategy != "exit"].matches_baseline.all()
+    assert (df.lossy == (df.strategy == "exit")).all()
+
+
 def test_sweep(swept) -> None:
     out, result = swept
     assert result.exit_code == 0, result.output
     assert "autoregressive" in result.stdout
     assert "early exit @ layer 1" in result.stdout and "early exit @ layer 3" in result.stdout
-    assert "best: early exit @ layer" in result.stdout
+    assert "best lossless: early exit @ layer" in result.stdout
     assert "measured 6 generations, 0 already in" in result.stderr
     df = pd.read_parquet(out)
     assert len(df) == 3 * 2 and not df.duplicated(KEY).any()
@@ -130,6 +149,20 @@ def test_sweep_file_with_overrides(tiny_model_dir: Path, data_file: Path, tmp_pa
     assert list(df.exit_layer) == [0, 2] and list(df.num_speculations) == [0, 3]
     assert (df.sweep_name == "tiny-sweep").all() and (df.sweep_file == str(sweep_file)).all()
     assert (df.max_new_tokens == 4).all() and df.example_id.nunique() == 1
+
+
+def test_compare_draft_pld_loads_no_model(tiny_model_dir: Path, data_file: Path,
+                                          tmp_path: Path) -> None:
+    out = tmp_path / "compare.parquet"
+    result = invoke("compare", "--model", tiny_model_dir, "--draft", "pld", "--hf-reference",
+                    "--dataset", f"jsonl:{data_file}", "--limit", 1, "-k", 2,
+                    "--max-new-tokens", 8, "--warmup", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    df = pd.read_parquet(out)
+    # Measured in a shuffled order; hf-pld comes with its own baseline, hf-ar.
+    assert sorted(df.strategy) == ["ar", "hf-ar", "hf-pld", "pld"]
+    assert (df.draft_model == "").all()
+    assert df.matches_baseline.all() and "best lossless: prompt lookup" in result.stdout
 
 
 def test_compare(compared) -> None:

@@ -131,6 +131,7 @@ def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
     ("[sweep]\nexit_layer = [4]\n", "exit_layer", "[sweep]"),
     ("[decoding]\ntemp = 0.5\n", "temp", "[decoding]"),
     ("[compare]\ndraft = ['x/y']\n", "draft", "[compare]"),
+    ("[sweep.pld]\nk = [4]\n", "k", "[sweep.pld]"),
 ])
 def test_unknown_keys_refused(tmp_path: Path, text: str, unknown: str, where: str) -> None:
     path = write(tmp_path / "bad.toml", text)
@@ -139,6 +140,21 @@ def test_unknown_keys_refused(tmp_path: Path, text: str, unknown: str, where: st
     message = str(info.value)
     assert str(path) in message and f"unknown key(s) {unknown} in {where}" in message
     assert "allowed:" in message
+
+
+def test_sweep_file_overrides_layers_and_k_per_strategy(tmp_path: Path) -> None:
+    path = write(tmp_path / "mixed.toml", 'model = "org/m"\n[sweep]\nexit_layers = [2, 4]\n'
+                 'num_speculations = [3]\nstrategies = ["layerskip", "pld", "exit"]\n'
+                 '[sweep.pld]\nnum_speculations = [4, 8]\n[sweep.exit]\nexit_layers = "6"\n')
+    job = sweep_job(Settings.from_file(path), 8)
+    assert job.runs == (BASELINE, RunSpec("layerskip", 2, 3), RunSpec("layerskip", 4, 3),
+                        RunSpec("pld", 0, 4), RunSpec("pld", 0, 8), RunSpec("exit", 6, 0))
+    bad = write(tmp_path / "bad.toml", 'model = "org/m"\n[sweep]\nstrategies = ["exit"]\n'
+                '[sweep.exit]\nexit_layers = [9]\n')
+    with pytest.raises(LsbenchError, match="exit layer 9 out of range"):
+        sweep_job(Settings.from_file(bad), 8)
+    with pytest.raises(LsbenchError, match=r"\[sweep.pld\] must be a table"):
+        Settings.from_file(write(tmp_path / "bad2.toml", '[sweep]\npld = 4\n'))
 
 
 def test_section_that_is_not_a_table_refused(tmp_path: Path) -> None:
@@ -266,8 +282,24 @@ def test_sweep_job_hf_early_exit() -> None:
 
 @pytest.mark.parametrize("strategy", ["spec", "ar", "hf-assisted", "layerskp"])
 def test_sweep_job_refuses_other_strategies(strategy: str) -> None:
-    with pytest.raises(LsbenchError, match=f"sweep strategy '{strategy}' is not an early-exit"):
+    with pytest.raises(LsbenchError, match=f"unknown sweep strategy '{strategy}'; choose from "
+                       "layerskip, hf-early-exit, pld, hf-pld, exit"):
         sweep_job(settings(model="org/m", sweep__strategies=["layerskip", strategy]), 8)
+
+
+def test_sweep_job_pld_over_k_and_exit_over_layers() -> None:
+    job = sweep_job(settings(model="org/m", sweep__exit_layers="2,4",
+                             sweep__num_speculations="3,5",
+                             sweep__strategies=["layerskip", "pld", "exit", "hf-pld"]), 8)
+    # hf-pld brings transformers' own baseline, hf-ar, right after lsbench's.
+    assert job.runs == (BASELINE, HF_BASELINE, RunSpec("layerskip", 2, 3),
+                        RunSpec("layerskip", 2, 5),
+                        RunSpec("layerskip", 4, 3), RunSpec("layerskip", 4, 5),
+                        RunSpec("pld", 0, 3), RunSpec("pld", 0, 5),
+                        RunSpec("exit", 2, 0), RunSpec("exit", 4, 0),
+                        RunSpec("hf-pld", 0, 3), RunSpec("hf-pld", 0, 5))
+    assert [r.label for r in job.runs[6:9]] == ["pld k=3", "pld k=5", "exit E=2 (lossy)"]
+    assert len({job.run_id(r) for r in job.runs}) == len(job.runs)
 
 
 # --- compare_job --------------------------------------------------------------------------------
@@ -294,6 +326,19 @@ def test_compare_job_hf_reference_and_single_sides() -> None:
                       16)
     assert job.runs == (BASELINE, HF_BASELINE, RunSpec("layerskip", 4, 4),
                         RunSpec("hf-early-exit", 4, 4))
+
+
+def test_compare_job_pld_pseudo_draft() -> None:
+    job = compare_job(settings(model="t/t", compare__drafts=["d/d", "pld"],
+                               compare__num_speculations="2,4", compare__hf_reference=True), 16)
+    expected = [BASELINE, HF_BASELINE]
+    for k in (2, 4):
+        expected += [RunSpec("spec", 0, k, "d/d"), RunSpec("pld", 0, k),
+                     RunSpec("hf-assisted", 0, k, "d/d"), RunSpec("hf-pld", 0, k)]
+    assert list(job.runs) == expected
+    assert all(r.draft_model == "" for r in job.runs if "pld" in r.strategy)  # nothing to load
+    job = compare_job(settings(model="t/t", compare__drafts="pld"), 16)
+    assert job.runs == (BASELINE, RunSpec("pld", 0, 4))
 
 
 def test_compare_job_refuses_nothing_to_compare() -> None:

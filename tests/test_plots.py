@@ -91,3 +91,35 @@ def test_bad_format_and_empty_input_are_user_errors(tmp_path):
         plot_compare(df.iloc[:0], tmp_path)
     with pytest.raises(LsbenchError, match="no rows to plot"):
         plot_sweep(df.iloc[:0], tmp_path)
+
+
+def test_quality_against_speed_per_exit_layer_for_the_lossy_exit(tmp_path):
+    from tests.test_report import _with_exit_and_pld
+
+    df = _with_exit_and_pld(exit_speedup=3.0, rouge=0.2)
+    more = df[df.strategy == "exit"].assign(run_id="exit-4", exit_layer=4, speedup=2.0,
+                                            rougeL=0.25)
+    df = pd.concat([df, more], ignore_index=True)
+    figures = sweep_figures(df)
+    assert list(figures) == [*SWEEP_FILES, "quality_speed_vs_exit_layer"]
+    top, bottom = _axes(figures["quality_speed_vs_exit_layer"])
+    labels = top.get_legend_handles_labels()[1]
+    assert "exit, unverified (lossy)" in labels and "layerskip k=4 (lossless)" in labels
+    assert bottom.get_ylabel() == "ROUGE-L vs reference" and bottom.get_xlabel().startswith("exit")
+    exit_line = next(ln for ln in bottom.get_lines() if ln.get_label().startswith("exit"))
+    assert list(exit_line.get_xdata()) == [2, 4]
+    assert list(exit_line.get_ydata()) == pytest.approx([0.2, 0.25])
+    # Without references the quality axis is the agreement with autoregressive output.
+    no_refs = sweep_figures(df.assign(rougeL=float("nan")))["quality_speed_vs_exit_layer"]
+    assert _axes(no_refs)[1].get_ylabel() == "agreement with autoregressive output"
+    # Lossy bars are hatched in the draft-option comparison.
+    (bars,) = _axes(compare_figures(df)["speedup_by_draft"])
+    hatched = [p.get_hatch() for p in bars.patches]
+    assert hatched.count("//") == 2
+    names = [t.get_text() for t in bars.get_xticklabels()]
+    assert any("unverified (lossy)" in n for n in names) and "prompt lookup, k=4" in names
+    assert plot_sweep(df, tmp_path, fmt="png")[-1].name == "quality_speed_vs_exit_layer.png"
+
+
+def test_no_lossy_runs_no_quality_figure():
+    assert "quality_speed_vs_exit_layer" not in sweep_figures(make_results(models=MODELS[:1]))

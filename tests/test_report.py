@@ -296,3 +296,54 @@ def test_lossless_verdict_is_the_worst_of_the_rows():
     assert s.loc[0, "verdict"] == "exact" and s.loc[2, "verdict"] == "near-tie"
     assert s.loc[2, "near_ties"] == 3 and s.loc[3, "verdict"] == "MISMATCH"
     assert s.loc[3, "mismatches"] == 2
+
+
+# --- lossy rows and prompt lookup ---------------------------------------------------------------
+
+def _with_exit_and_pld(exit_speedup: float, rouge: float = 0.2) -> pd.DataFrame:
+    """One model's results plus a fast lossy `exit` run and a `pld` run with empty rounds."""
+    df = make_results(models=MODELS[:1], exits=(2, 4), ks=(4,), spec=False)
+    extra = []
+    for i in range(3):
+        common = dict(model="tiny-a", model_num_layers=8, model_params=MODELS[0][2],
+                      dataset="lee-news", example_id=f"ex{i}", example_index=i)
+        extra.append(make_row(run_id="exit-2", strategy="exit", exit_layer=2, lossy=True,
+                              speedup=exit_speedup, tokens_per_s=100 * exit_speedup,
+                              ms_per_token=10 / exit_speedup, rougeL=rouge, agreement=0.25,
+                              matches_baseline=False, **common))
+        extra.append(make_row(run_id="pld-4", strategy="pld", num_speculations=4, speedup=1.2,
+                              tokens_per_s=120.0, ms_per_token=1000 / 120, rounds=10,
+                              rounds_without_draft=4, drafted_per_round=[0] * 4 + [4] * 6,
+                              accepted_per_round=[0] * 4 + [2] * 6, rougeL=0.3, agreement=1.0,
+                              matches_baseline=True, **common))
+    return pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+
+
+def test_lossy_rows_never_win_the_lossless_verdict():
+    table = sweep_table(_with_exit_and_pld(exit_speedup=5.0))
+    best, lossy = table[table["best"]], table[table["best lossy"]]
+    assert len(best) == 1 and best.iloc[0]["strategy"] == "layerskip"
+    assert best.iloc[0]["exit layer"] == 4 and not best.iloc[0]["lossy"]
+    assert len(lossy) == 1 and lossy.iloc[0]["strategy"] == "exit" and lossy.iloc[0]["lossy"]
+    assert lossy.iloc[0]["draft"] == "early exit @ layer 2, unverified (lossy)"
+    assert lossy.iloc[0]["ROUGE-L"] == pytest.approx(0.2)
+    assert lossy.iloc[0]["agreement"] == pytest.approx(0.25)
+    assert table["lossy"].sum() == 1
+    # Without lossy rows there is no lossy best.
+    plain = sweep_table(make_results(models=MODELS[:1], spec=False))
+    assert not plain["best lossy"].any() and plain["best"].sum() == 1
+
+
+def test_pld_acceptance_is_over_drafting_rounds_with_the_share_without_a_match():
+    s = summarize(_with_exit_and_pld(exit_speedup=0.5))
+    pld = s[s["strategy"] == "pld"].iloc[0]
+    assert pld["acceptance_rate"] == pytest.approx(12 / 24)  # empty rounds draft nothing
+    assert (pld["rounds"], pld["rounds_without_draft"]) == (30, 12)
+    table = sweep_table(_with_exit_and_pld(exit_speedup=0.5))
+    row = table[table["strategy"] == "pld"].iloc[0]
+    assert row["draft"] == "prompt lookup" and row["no-draft rounds"] == pytest.approx(0.4)
+    assert math.isnan(table[table["strategy"] == "ar"].iloc[0]["no-draft rounds"])
+    assert format_cell("no-draft rounds", 0.4) == "40%"
+    # A slow lossy run is still the best lossy one, and still not the lossless verdict.
+    assert table[table["best lossy"]].iloc[0]["strategy"] == "exit"
+    assert table[table["best"]].iloc[0]["strategy"] == "layerskip"
