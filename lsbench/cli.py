@@ -109,7 +109,7 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
              force: bool, title: str) -> None:
     """Validate, run with a progress bar, print the results table."""
     from lsbench.jobs import JobSpec
-    from lsbench.runner import run_job, validate
+    from lsbench.runner import validate
     from lsbench.store import ResultStore
 
     model = settings.get("", "model")
@@ -125,6 +125,13 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     validate(job)  # draft models too, before the header and the results file
     path = out_path or Path("results") / f"{job.name}.parquet"
     store = ResultStore(path)
+    with store.locked():  # refuses a second writer before anything is loaded
+        _run_with_progress(job, store, path, num_layers, force, title)
+
+
+def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str) -> None:
+    from lsbench.runner import run_job
+
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
               f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
@@ -319,6 +326,25 @@ def report(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
             err.print(f"wrote {out}")
+
+    _guarded(body)
+
+
+@app.command()
+def compact(
+    results: Annotated[Path, typer.Argument(help="Parquet results file.")],
+) -> None:
+    """Fold the part files of a results file into it (jobs do this when they end)."""
+    from lsbench.store import ResultStore, parts_dir
+
+    def body() -> None:
+        if not results.exists() and not parts_dir(results).is_dir():
+            raise LsbenchError(f"results file {results} not found")
+        store = ResultStore(results)
+        with store.locked():
+            folded = store.compact()
+        err.print(f"{results}: {len(store.rows())} rows"
+                  + ("" if folded else ", nothing to compact"), highlight=False)
 
     _guarded(body)
 

@@ -9,7 +9,7 @@ import datetime as dt
 import math
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,17 +130,22 @@ def _generate(loaded: _Loaded, run: RunSpec, prompt: list[int], cfg: DecodingCon
                     exit_layer=run.exit_layer or None, draft=draft)
 
 
-def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
-            on_progress: Callable[[ProgressEvent], None] | None = None) -> JobOutcome:
-    """Measure every (repeat, example, run) not already in `store`."""
-    emit = on_progress or (lambda _event: None)
-    validate(job)
+@dataclass
+class PreparedJob:
+    """Everything one process needs to measure units of a job."""
+    job: JobSpec
+    examples: list[Example]
+    prompts: list[Prompt]
+    fingerprint: str
+    cfg: DecodingConfig  # job.decoding + stop tokens
+    env: dict  # environment() of THIS process
+    loaded: _Loaded  # target (+ drafts), loaded once
+
+
+def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
+    """Load the data and the models of `job` in this process."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    run_ids = [job.run_id(r) for r in job.runs]
-    if force:
-        store.drop_runs(set(run_ids))
-    emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
     examples, fingerprint = load_examples(job.dataset)
     loaded = _load(job)
     tokenizer = loaded.target.tokenizer
@@ -148,39 +153,105 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
     stops = stop_token_ids(loaded.target)
     cfg = DecodingConfig(**{**job.decoding.__dict__, "stop_token_ids": stops})
     env = environment(loaded.adapter.device, loaded.adapter.dtype)
+    return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
 
-    done_keys = store.completed_keys()
-    plan = [(rep, i, run) for rep in range(job.repeats) for i in range(len(examples))
-            for run in job.runs]
-    pending = [p for p in plan
-               if (job.run_id(p[2]), examples[p[1]].example_id, p[0]) not in done_keys]
-    total, done = len(plan), len(plan) - len(pending)
 
-    # Warm-up: every pending configuration runs a few short generations before any timing.
+def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
+            on_run: Callable[[RunSpec], None] | None = None) -> None:
+    """Unmeasured warm-up: a few short generations of every configuration before any timing."""
+    cfg = prepared.cfg
     warm_cfg = DecodingConfig(**{**cfg.__dict__, "max_new_tokens": min(cfg.max_new_tokens,
                                                                          WARMUP_TOKENS)})
-    for run in dict.fromkeys(p[2] for p in pending):
-        for _ in range(job.warmup):
-            emit(ProgressEvent("warmup", done, total, run.label))
-            _generate(loaded, run, prompts[0].ids, warm_cfg)
+    for run in runs:
+        for _ in range(prepared.job.warmup):
+            if on_run:
+                on_run(run)
+            _generate(prepared.loaded, run, prepared.prompts[0].ids, warm_cfg)
 
-    baselines = _stored_baselines(store, run_ids[0])
-    for rep, i, run in pending:
-        ex, prompt = examples[i], prompts[i]
-        what = f"{run.label} · example {i + 1}/{len(examples)}"
-        emit(ProgressEvent("measure", done, total, what))
+
+def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
+                  ) -> list[tuple[int, int]]:
+    """(example_index, repeat) of every unit with a run not stored yet, repeat-major."""
+    run_ids = [job.run_id(r) for r in job.runs]
+    return [(i, rep) for rep in range(job.repeats) for i, ex in enumerate(example_ids)
+            if any((rid, ex, rep) not in done for rid in run_ids)]
+
+
+def measure_unit(prepared: PreparedJob, example_index: int, repeat: int,
+                 done: set[tuple[str, str, int]], stored_baselines: dict, *,
+                 on_run: Callable[[RunSpec], None] | None = None) -> Iterator[dict]:
+    """One row per pending run of one (example, repeat), baseline first, yielded as measured.
+    `stored_baselines` maps (example_id, repeat) to the baseline's ms/token and output; a
+    baseline measured here is added to it."""
+    job, loaded = prepared.job, prepared.loaded
+    ex, prompt = prepared.examples[example_index], prepared.prompts[example_index]
+    for run in job.runs:
+        run_id = job.run_id(run)
+        if (run_id, ex.example_id, repeat) in done:
+            continue
+        if on_run:
+            on_run(run)
         reset_peak_memory(loaded.adapter.device)
-        gen = _generate(loaded, run, prompt.ids, cfg)
+        gen = _generate(loaded, run, prompt.ids, prepared.cfg)
         memory = peak_memory(loaded.adapter.device)
-        row = _row(job, run, job.run_id(run), ex, i, rep, prompt, gen, loaded, fingerprint, env,
-                   memory, baselines.get((ex.example_id, rep)))
+        row = _row(job, run, run_id, ex, example_index, repeat, prompt, gen, loaded,
+                   prepared.fingerprint, prepared.env, memory,
+                   stored_baselines.get((ex.example_id, repeat)))
         if run == job.runs[0]:
-            baselines[(ex.example_id, rep)] = row
-        store.append([row])
-        done += 1
-        emit(ProgressEvent("measure", done, total, what))
+            stored_baselines[(ex.example_id, repeat)] = {"ms_per_token": row["ms_per_token"],
+                                                         "output_ids": row["output_ids"]}
+        yield row
+
+
+def shard_examples(num_examples: int, shard: tuple[int, int] | None) -> list[int]:
+    """The example indices of shard (i, n), 1-based: every n-th example, starting at i-1."""
+    if shard is None:
+        return list(range(num_examples))
+    index, count = shard
+    return list(range(index - 1, num_examples, count))
+
+
+def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
+            on_progress: Callable[[ProgressEvent], None] | None = None,
+            shard: tuple[int, int] | None = None) -> JobOutcome:
+    """Measure every (repeat, example, run) not already in `store`, in this process; with
+    `shard` (i, n) only the examples of that shard. Holds the store's writer lock throughout."""
+    emit = on_progress or (lambda _event: None)
+    validate(job)
+    with store.locked():
+        if force:
+            store.drop_runs({job.run_id(r) for r in job.runs})
+        store.compact()  # resume: fold the parts of an interrupted job into the file
+        emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
+        prepared = prepare_job(job)
+        examples = prepared.examples
+        done_keys = store.completed_keys()
+        selected = set(shard_examples(len(examples), shard))
+        units = [u for u in pending_units(job, [ex.example_id for ex in examples], done_keys)
+                 if u[0] in selected]
+        todo = [(run, i, rep) for i, rep in units for run in job.runs
+                if (job.run_id(run), examples[i].example_id, rep) not in done_keys]
+        total = len(selected) * job.repeats * len(job.runs)
+        done = total - len(todo)
+
+        warm_up(prepared, [r for r in job.runs if any(t[0] == r for t in todo)],
+                on_run=lambda run: emit(ProgressEvent("warmup", done, total, run.label)))
+        baselines = _stored_baselines(store, job.run_id(job.runs[0]))
+        current = {"what": "", "example": 0}
+
+        def started(run: RunSpec) -> None:
+            current["what"] = f"{run.label} · example {current['example'] + 1}/{len(examples)}"
+            emit(ProgressEvent("measure", done, total, current["what"]))
+
+        for i, rep in units:
+            current["example"] = i
+            for row in measure_unit(prepared, i, rep, done_keys, baselines, on_run=started):
+                store.append([row])
+                done += 1
+                emit(ProgressEvent("measure", done, total, current["what"]))
+        store.compact()
     emit(ProgressEvent("done", done, total, "done"))
-    return JobOutcome(len(pending), total - len(pending))
+    return JobOutcome(len(todo), total - len(todo))
 
 
 def _stored_baselines(store: ResultStore, baseline_id: str) -> dict[tuple[str, int], dict]:
