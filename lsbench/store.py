@@ -167,12 +167,17 @@ def _with_meta(table: pa.Table, created_by: str) -> pa.Table:
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
 
-def _write_atomic(table: pa.Table, dest: Path, tmp: Path, expected: object = False) -> None:
+# Parts live only until the next compaction: written plainly, they cost less per row.
+_PART_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
+def _write_atomic(table: pa.Table, dest: Path, tmp: Path, expected: object = False,
+                  **options: object) -> None:
     """Write to `tmp`, fsync, rename over `dest`. With `expected` (a _stat_key), refuse when
     `dest` changed since it was read. OSError and LsbenchError propagate; `tmp` never stays."""
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f)
+            pq.write_table(table, f, **options)
             f.flush()
             os.fsync(f.fileno())
         # Someone may have replaced the file since we validated it; never clobber theirs.
@@ -333,7 +338,7 @@ class ResultStore:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             _write_atomic(_with_meta(new, self._created_by), part,
-                          directory / f".{part.name}.tmp-{os.getpid()}")
+                          directory / f".{part.name}.tmp-{os.getpid()}", **_PART_OPTIONS)
         except OSError as e:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only when empty
