@@ -350,7 +350,7 @@ def test_bench_store_smoke(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[:2]] == ["append at 5 rows", "append at 20 rows"]
     assert all(line.endswith("ms/row") for line in lines[:2])
-    assert lines[2].startswith("compact 26 rows") and "largest/smallest" in lines[3]
+    assert lines[2].startswith("compact 23 rows") and "largest/smallest" in lines[3]
     row = bench_store.realistic_row(0, random.Random(0))
     assert len(row["output_ids"]) == 64 and len(row["layer_tokens_decode"]) == 30
     assert set(row) == set(COLUMN_NAMES)
