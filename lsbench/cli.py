@@ -94,6 +94,8 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results f
                 "(default results/<name>.parquet).")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
 Force = Annotated[bool, typer.Option(help="Redo runs already in the results file.")]
+Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
+                  "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
@@ -106,12 +108,14 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
 
 
 def _measure(job_builder: Callable[[object, int], object], settings, out_path: Path | None,
-             force: bool, title: str) -> None:
+             force: bool, title: str, shard_text: str | None = None) -> None:
     """Validate, run with a progress bar, print the results table."""
     from lsbench.jobs import JobSpec
     from lsbench.runner import validate
+    from lsbench.shards import parse_shard, shard_path
     from lsbench.store import ResultStore
 
+    shard = parse_shard(shard_text) if shard_text is not None else None
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
@@ -124,12 +128,16 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     job: JobSpec = job_builder(settings, num_layers)
     validate(job)  # draft models too, before the header and the results file
     path = out_path or Path("results") / f"{job.name}.parquet"
+    if shard:
+        path = shard_path(path, shard)
+        title = f"{title} shard {shard[0]}/{shard[1]}"
     store = ResultStore(path)
     with store.locked():  # refuses a second writer before anything is loaded
-        _run_with_progress(job, store, path, num_layers, force, title)
+        _run_with_progress(job, store, path, num_layers, force, title, shard)
 
 
-def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str) -> None:
+def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str,
+                       shard: tuple[int, int] | None) -> None:
     from lsbench.runner import run_job
 
     _quiet_libraries()
@@ -147,7 +155,7 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
                                                if event.phase != "done" else "done"))
 
         try:
-            outcome = run_job(job, store, force=force, on_progress=on_progress)
+            outcome = run_job(job, store, force=force, on_progress=on_progress, shard=shard)
         except KeyboardInterrupt:
             progress.stop()
             raise
@@ -206,7 +214,7 @@ def sweep(
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
-    force: Force = False,
+    force: Force = False, shard: Shard = None,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -223,7 +231,7 @@ def sweep(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _measure(sweep_job, s, out, force, "sweep")
+        _measure(sweep_job, s, out, force, "sweep", shard)
 
     _guarded(body, out)
 
@@ -245,7 +253,7 @@ def compare(
     repeats: Repeats = None, warmup: Warmup = None, sample: Sample = None,
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
-    threads: Threads = None, out: Out = None, force: Force = False,
+    threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.jobs import compare_job
@@ -265,7 +273,7 @@ def compare(
             ("", "threads"): threads})
         if not s.get("", "name"):
             s.override("", "name", "compare")
-        _measure(compare_job, s, out, force, "compare")
+        _measure(compare_job, s, out, force, "compare", shard)
 
     _guarded(body, out)
 
@@ -326,6 +334,22 @@ def report(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
             err.print(f"wrote {out}")
+
+    _guarded(body)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="New results file to write.")],
+    shard_files: Annotated[list[Path], typer.Argument(help="Shard files of one job.")],
+) -> None:
+    """Combine the shard files of one job (--shard I/N) into one results file."""
+    from lsbench.shards import merge as merge_shards
+
+    def body() -> None:
+        rows = merge_shards(out, shard_files)
+        err.print(f"merged {rows} rows from {len(shard_files)} files into {escape(str(out))}",
+                  highlight=False)
 
     _guarded(body)
 

@@ -104,6 +104,11 @@ def lock_path(path: Path) -> Path:
 _PART = re.compile(r"part-(\d{10})-\d+\.parquet")
 
 
+def _repeated(keys: list) -> set:
+    seen: set = set()
+    return {k for k in keys if k in seen or seen.add(k)}
+
+
 def _keys(table: pa.Table) -> list[tuple[str, str, int]]:
     cols = [table.column(c).to_pylist() for c in ("run_id", "example_id", "repeat")]
     return list(zip(*cols, strict=True))
@@ -253,7 +258,11 @@ class ResultStore:
 
     def rows(self) -> pd.DataFrame:
         """All rows; an empty DataFrame with the schema's columns when there is no file."""
-        return self._current().table().to_pandas()
+        return self.table().to_pandas()
+
+    def table(self) -> pa.Table:
+        """All rows as an Arrow table with the schema's columns."""
+        return self._current().table()
 
     def has_parts(self) -> bool:
         return bool(self._current().part_paths)
@@ -327,12 +336,18 @@ class ResultStore:
                 raise ValueError(f"row {i} has keys not in the schema: {sorted(unknown)}")
             if not row.get("run_id"):
                 raise ValueError(f"row {i} has no run_id")
-        new = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+        self.append_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA))
+
+    def append_table(self, new: pa.Table) -> None:
+        """Add the rows of an Arrow table with the schema's columns as one atomic part file."""
+        new = new.select(COLUMN_NAMES).cast(ARROW_SCHEMA).replace_schema_metadata(None)
         snap = self._current()
-        keys = [(r["run_id"], r.get("example_id"), r.get("repeat")) for r in rows]
-        dup = (set(keys) & snap.keys) | ({k for k in keys if keys.count(k) > 1})
+        keys = _keys(new)
+        if any(k[0] is None for k in keys):
+            raise ValueError("rows without run_id")
+        dup = (set(keys) & snap.keys) | _repeated(keys)
         if dup:
-            raise ValueError(f"rows already in {self.path}: {sorted(dup, key=str)}")
+            raise ValueError(f"rows already in {self.path}: {sorted(dup, key=str)[:5]}")
         directory = parts_dir(self.path)
         part = directory / f"part-{snap.next_seq:010d}-{os.getpid()}.parquet"
         try:
