@@ -96,6 +96,8 @@ Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: t
 Force = Annotated[bool, typer.Option(help="Redo runs already in the results file.")]
 Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N workers on "
                 "this machine), auto or ADDRESS (an existing cluster); needs lsbench[cluster].")]
+DeviceMap = Annotated[str | None, typer.Option(help="Spread target and draft over devices "
+                      "(accelerate): auto, balanced or FILE.json (module name -> device).")]
 Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
                   "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
@@ -111,7 +113,7 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
 
 def _measure(job_builder: Callable[[object, int], object], settings, out_path: Path | None,
              force: bool, title: str, shard_text: str | None = None,
-             ray_text: str | None = None) -> None:
+             ray_text: str | None = None, device_map: str | None = None) -> None:
     """Validate, run with a progress bar, print the results table."""
     from lsbench.jobs import JobSpec
     from lsbench.runner import validate
@@ -124,7 +126,14 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
         from lsbench.launchers import import_ray, parse_ray
 
         ray_target = parse_ray(ray_text)
+        if device_map:
+            raise LsbenchError("--device-map and --ray do not combine: a Ray worker owns one "
+                               "device")
         import_ray()  # the install hint before anything is loaded
+    if device_map:
+        from lsbench.models import parse_device_map
+
+        parse_device_map(device_map)
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
@@ -142,17 +151,19 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
         title = f"{title} shard {shard[0]}/{shard[1]}"
     store = ResultStore(path)
     with store.locked():  # refuses a second writer before anything is loaded
-        _run_with_progress(job, store, path, num_layers, force, title, shard, ray_target)
+        _run_with_progress(job, store, path, num_layers, force, title, shard, ray_target,
+                           device_map)
 
 
 def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str,
-                       shard: tuple[int, int] | None, ray_target) -> None:
+                       shard: tuple[int, int] | None, ray_target, device_map: str | None
+                       ) -> None:
+    from functools import partial
+
     from lsbench.runner import run_job
 
-    run = run_job
+    run = partial(run_job, device_map=device_map) if device_map else run_job
     if ray_target is not None:
-        from functools import partial
-
         from lsbench.launchers import run_job_on_ray
 
         run = partial(run_job_on_ray, target=ray_target)
@@ -231,7 +242,7 @@ def sweep(
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
-    force: Force = False, shard: Shard = None, ray: Ray = None,
+    force: Force = False, shard: Shard = None, ray: Ray = None, device_map: DeviceMap = None,
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
@@ -248,7 +259,7 @@ def sweep(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _measure(sweep_job, s, out, force, "sweep", shard, ray)
+        _measure(sweep_job, s, out, force, "sweep", shard, ray, device_map)
 
     _guarded(body, out)
 
@@ -271,7 +282,7 @@ def compare(
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
     threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
-    ray: Ray = None,
+    ray: Ray = None, device_map: DeviceMap = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.jobs import compare_job
@@ -291,7 +302,7 @@ def compare(
             ("", "threads"): threads})
         if not s.get("", "name"):
             s.override("", "name", "compare")
-        _measure(compare_job, s, out, force, "compare", shard, ray)
+        _measure(compare_job, s, out, force, "compare", shard, ray, device_map)
 
     _guarded(body, out)
 

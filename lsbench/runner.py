@@ -73,11 +73,14 @@ class _Loaded:
     drafts: dict[str, tuple[LoadedModel, EarlyExitModel, FlopModel]]
 
 
-def _load(job: JobSpec) -> _Loaded:
-    target = load_model(job.model, dtype=job.dtype, device=job.device, revision=job.revision)
+def _load(job: JobSpec, device_map: str | None = None) -> _Loaded:
+    target = load_model(job.model, dtype=job.dtype, device=job.device, revision=job.revision,
+                        device_map=device_map)
     drafts = {}
+    # A map file names the target's modules; a draft is then placed by accelerate ("auto").
+    draft_map = device_map if device_map in (None, "auto", "balanced") else "auto"
     for name in sorted({r.draft_model for r in job.runs if r.draft_model}):
-        draft = load_model(name, dtype=job.dtype, device=job.device)
+        draft = load_model(name, dtype=job.dtype, device=job.device, device_map=draft_map)
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise LsbenchError(f"draft model '{name}' uses another tokenizer than '{job.model}'; "
                                "speculative decoding needs the same vocabulary")
@@ -148,12 +151,13 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
     if job.threads:
         torch.set_num_threads(job.threads)
     examples, fingerprint = load_examples(job.dataset)
-    loaded = _load(job)
+    loaded = _load(job, device_map)
     tokenizer = loaded.target.tokenizer
     prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
     stops = stop_token_ids(loaded.target)
     cfg = DecodingConfig(**{**job.decoding.__dict__, "stop_token_ids": stops})
-    env = environment(loaded.adapter.device, loaded.adapter.dtype)
+    env = {**environment(loaded.adapter.device, loaded.adapter.dtype),
+           "device_map": device_map or ""}
     return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
 
 
@@ -214,9 +218,11 @@ def shard_examples(num_examples: int, shard: tuple[int, int] | None) -> list[int
 
 def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
             on_progress: Callable[[ProgressEvent], None] | None = None,
-            shard: tuple[int, int] | None = None) -> JobOutcome:
+            shard: tuple[int, int] | None = None, device_map: str | None = None
+            ) -> JobOutcome:
     """Measure every (repeat, example, run) not already in `store`, in this process; with
-    `shard` (i, n) only the examples of that shard. Holds the store's writer lock throughout."""
+    `shard` (i, n) only the examples of that shard, with `device_map` the models spread over
+    devices. Holds the store's writer lock throughout."""
     emit = on_progress or (lambda _event: None)
     validate(job)
     with store.locked():
@@ -224,7 +230,7 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
             store.drop_runs({job.run_id(r) for r in job.runs})
         store.compact()  # resume: fold the parts of an interrupted job into the file
         emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
-        prepared = prepare_job(job)
+        prepared = prepare_job(job, device_map=device_map)
         examples = prepared.examples
         done_keys = store.completed_keys()
         selected = set(shard_examples(len(examples), shard))
