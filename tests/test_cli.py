@@ -354,13 +354,14 @@ def test_second_lsbench_on_the_same_out_refused(tiny_model_dir: Path, data_file:
                                                 tmp_path: Path) -> None:
     out = tmp_path / "s.parquet"
     first = [str(a) for a in sweep_args(tiny_model_dir, data_file, out, "--limit", 1)]
-    assert subprocess.run([*APP, *first], cwd=tmp_path, env=ENV, capture_output=True,
-                          timeout=300).returncode == 0
+    assert invoke(*first).exit_code == 0
     before = out.read_bytes()
     args = [str(a) for a in sweep_args(tiny_model_dir, data_file, out, "-e", "2,4")]
-    # 3 s per generation: still writing while the second one starts up
-    very_slow = [a.replace("sleep(0.15)", "sleep(3)") for a in SLOW_APP]
-    holder = subprocess.Popen([*very_slow, *args], cwd=tmp_path, env=ENV,
+    # Stores one generation, then hangs in the second: it holds the lock until killed.
+    stuck = [sys.executable, "-c", "import time, lsbench.runner as r; g = r._generate; n = []; "
+             "r._generate = lambda *a: (n.append(1), time.sleep(600 if len(n) > 1 else 0), "
+             "g(*a))[2]; from lsbench.cli import app; app()"]
+    holder = subprocess.Popen([*stuck, *args], cwd=tmp_path, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -368,7 +369,7 @@ def test_second_lsbench_on_the_same_out_refused(tiny_model_dir: Path, data_file:
         while not (parts.exists() and any(parts.iterdir())) and time.monotonic() < deadline:
             assert holder.poll() is None
             time.sleep(0.02)
-        listing = sorted(p.name for p in parts.iterdir())
+        listing = sorted(p.name for p in parts.glob("part-*.parquet"))
         second = subprocess.run([*APP, *first], cwd=tmp_path, env=ENV, capture_output=True,
                                 text=True, timeout=120)
         alive = holder.poll() is None
