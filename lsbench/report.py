@@ -104,10 +104,12 @@ def mixed_device_warnings(df: pd.DataFrame) -> list[str]:
     for run_id, g in df.groupby("run_id", sort=False):
         names = sorted(g["device_name"].dropna().unique())
         if len(names) > 1:
-            label = draft_label(g["strategy"].iloc[0], g["draft_model"].iloc[0] or "",
+            strategy, k = g["strategy"].iloc[0], int(g["num_speculations"].iloc[0] or 0)
+            label = draft_label(strategy, g["draft_model"].iloc[0] or "",
                                 int(g["exit_layer"].iloc[0] or 0))
-            lines.append(f"run {run_id} ({label}, k={g['num_speculations'].iloc[0]}) has rows "
-                         f"from different devices: {', '.join(names)}")
+            label = f"{strategy if label == NONE else label}{f', k={k}' if k else ''}"
+            lines.append(f"run {run_id} ({label}) has rows from different devices: "
+                         f"{', '.join(names)}")
     return lines
 
 

@@ -76,3 +76,18 @@ def test_three_shards_merge_into_the_unsharded_sweep(tiny_model_dir: Path, data_
     assert not any((tmp_path / f"m{i}.parquet").exists() for i in (1, 2, 3))
     assert_refused(invoke(*sweep_args(tiny_model_dir, data_file, out, "--shard", "3/2")),
                    "--shard must be I/N")
+
+
+def test_report_warns_about_a_run_measured_on_different_devices(tmp_path: Path) -> None:
+    from lsbench.store import ResultStore
+    from tests.test_report import make_row
+
+    path = tmp_path / "mixed.parquet"
+    store = ResultStore(path)
+    store.append([make_row(run_id="r0", strategy="ar", is_baseline=True, example_id=f"e{i}",
+                           repeat=0, device_name=name, speedup=1.0)
+                  for i, name in enumerate(["GPU A", "GPU B"])])
+    result = invoke("report", path, "--table", "summary")
+    assert result.exit_code == 0, result.output
+    assert ("warning: run r0 (ar) has rows from different devices: "
+            "GPU A, GPU B") in result.stderr
