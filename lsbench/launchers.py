@@ -104,9 +104,11 @@ def _try_claim(count: int) -> tuple[list[int], list[int]]:
 class Worker:
     """One Ray actor: one device, the job's models loaded once."""
 
-    def __init__(self, job: JobSpec, index: int, cores: int, runs: list[RunSpec]):
+    def __init__(self, job: JobSpec, index: int, cores: int, runs: list[RunSpec], cwd: str):
         import torch
 
+        if os.path.isdir(cwd):  # relative model and data paths mean what they mean to the user
+            os.chdir(cwd)
         self._core_locks: list[int] = []
         if cores:  # a CPU worker: its own cores, and as many torch threads
             pinned, self._core_locks = claim_cores(cores)
@@ -272,7 +274,7 @@ def _capacity(ray, job: JobSpec, target: RayTarget) -> int:
 def _spawn(ray, job: JobSpec, target: RayTarget, runs: list[RunSpec], count: int) -> list:
     if _use_gpus(ray, job):
         actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(Worker)
-        return [actor.remote(job, i, 0, runs) for i in range(count)]
+        return [actor.remote(job, i, 0, runs, os.getcwd()) for i in range(count)]
     cores = _cores_per_worker(ray, job, target)
     actor = ray.remote(num_cpus=cores, max_restarts=0)(Worker)
-    return [actor.remote(job, i, cores, runs) for i in range(count)]
+    return [actor.remote(job, i, cores, runs, os.getcwd()) for i in range(count)]
