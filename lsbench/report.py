@@ -191,6 +191,22 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index(drop=True)
 
 
+def mixed_device_warnings(df: pd.DataFrame) -> list[str]:
+    """One line per run whose rows were measured on devices with different names (a sharded
+    job on mixed hardware): its medians mix machines and are not one device's numbers."""
+    lines = []
+    for run_id, g in df.groupby("run_id", sort=False):
+        names = sorted(g["device_name"].dropna().unique())
+        if len(names) > 1:
+            strategy, k = g["strategy"].iloc[0], int(g["num_speculations"].iloc[0] or 0)
+            label = draft_label(strategy, g["draft_model"].iloc[0] or "",
+                                int(g["exit_layer"].iloc[0] or 0))
+            label = f"{strategy if label == NONE else label}{f', k={k}' if k else ''}"
+            lines.append(f"run {run_id} ({label}) has rows from different devices: "
+                         f"{', '.join(names)}")
+    return lines
+
+
 def draft_label(strategy: str, draft_model: str, exit_layer: int) -> str:
     """What drafts the tokens: the model's own early exit, a separate model, prompt lookup, or
     nothing; the lossy early exit (nothing verified) says so."""

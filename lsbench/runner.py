@@ -14,6 +14,7 @@ import copy
 import datetime as dt
 import math
 import platform
+import socket
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -89,11 +90,14 @@ class _Loaded:
     drafts: dict[str, tuple[LoadedModel, EarlyExitModel, FlopModel]]
 
 
-def _load(job: JobSpec) -> _Loaded:
-    target = load_model(job.model, dtype=job.dtype, device=job.device, revision=job.revision)
+def _load(job: JobSpec, device_map: str | None = None) -> _Loaded:
+    target = load_model(job.model, dtype=job.dtype, device=job.device, revision=job.revision,
+                        device_map=device_map)
     drafts = {}
+    # A map file names the target's modules; a draft is then placed by accelerate ("auto").
+    draft_map = device_map if device_map in (None, "auto", "balanced") else "auto"
     for name in sorted({r.draft_model for r in job.runs if r.draft_model}):
-        draft = load_model(name, dtype=job.dtype, device=job.device)
+        draft = load_model(name, dtype=job.dtype, device=job.device, device_map=draft_map)
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise LsbenchError(f"draft model '{name}' uses another tokenizer than '{job.model}'; "
                                "speculative decoding needs the same vocabulary")
@@ -120,7 +124,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return {"lsbench_version": __version__, "git_commit": _git_commit(),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "host": socket.gethostname(), "worker": ""}
 
 
 def _cpu_name() -> str:
@@ -165,27 +169,30 @@ class PreparedJob:
 
 
 def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
-    """Load the data and the models once. (`device_map` is accepted for launchers that place
-    a model over several devices; a single-device load ignores it.)"""
+    """Load the data and the models once; with `device_map` the models spread over devices."""
     if job.threads:
         torch.set_num_threads(job.threads)
     examples, fingerprint = load_examples(job.dataset)
-    loaded = _load(job)
+    loaded = _load(job, device_map)
     tokenizer = loaded.target.tokenizer
     prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
     cfg = DecodingConfig(**{**job.decoding.__dict__,
                             "stop_token_ids": stop_token_ids(loaded.target)})
-    env = environment(loaded.adapter.device, loaded.adapter.dtype)
+    env = {**environment(loaded.adapter.device, loaded.adapter.dtype),
+           "device_map": device_map or ""}
     return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
 
 
-def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec]) -> None:
+def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
+            on_run: Callable[[RunSpec], None] | None = None) -> None:
     """`job.warmup` short, unmeasured generations of every run before any timing."""
     cfg = prepared.cfg
     warm_cfg = DecodingConfig(**{**cfg.__dict__,
                                  "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
     for run in dict.fromkeys(runs):
         for _ in range(prepared.job.warmup):
+            if on_run is not None:
+                on_run(run)
             _generate(prepared.loaded, run, prepared.prompts[0].ids, warm_cfg)
 
 
@@ -279,49 +286,70 @@ def _draft_revision(loaded: _Loaded, run: RunSpec) -> str:
     return (loaded.drafts[run.draft_model][0].revision or "") if run.draft_model else ""
 
 
-def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
-            on_progress: Callable[[ProgressEvent], None] | None = None) -> JobOutcome:
-    """Measure every (repeat, example, run) not already in `store`, unit by unit."""
-    emit = on_progress or (lambda _event: None)
-    validate(job)
-    run_ids = [job.run_id(r) for r in job.runs]
-    if force:
-        store.drop_runs(set(run_ids))
-    elif store.schema_version < SCHEMA_VERSION:
+def shard_examples(num_examples: int, shard: tuple[int, int] | None) -> list[int]:
+    """The example indices of shard (i, n), 1-based: every n-th example, starting at i-1."""
+    if shard is None:
+        return list(range(num_examples))
+    index, count = shard
+    return list(range(index - 1, num_examples, count))
+
+
+def check_resumable(store: ResultStore) -> None:
+    """Refuse, in one line, to add rows to a file of an older schema version."""
+    if store.schema_version < SCHEMA_VERSION:
         raise LsbenchError(f"results file {store.path} was written with schema version "
                            f"{store.schema_version}, this lsbench writes {SCHEMA_VERSION}; "
                            "resuming would mix the two: rerun with --force (rewrites the file "
-                           "as version 2) or choose another --out")
-    emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
-    prepared = prepare_job(job)
-    rows = store.rows()
-    if not force:
-        check_resume_environment(job, rows, prepared, store.path)
+                           f"as version {SCHEMA_VERSION}) or choose another --out")
 
-    done_keys = store.completed_keys()
-    example_ids = [ex.example_id for ex in prepared.examples]
-    units = pending_units(job, example_ids, done_keys)
-    total = job.repeats * len(example_ids) * len(job.runs)
-    pending = [(rep, ex, run) for i, rep in units for ex in [example_ids[i]] for run in job.runs
-               if (job.run_id(run), ex, rep) not in done_keys]
-    done = total - len(pending)
 
-    # Warm-up: every pending configuration runs a few short generations before any timing.
-    for run in dict.fromkeys(p[2] for p in pending):
-        emit(ProgressEvent("warmup", done, total, run.label))
-        warm_up(prepared, [run])
+def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
+            on_progress: Callable[[ProgressEvent], None] | None = None,
+            shard: tuple[int, int] | None = None, device_map: str | None = None
+            ) -> JobOutcome:
+    """Measure every (repeat, example, run) not already in `store`, unit by unit, in this
+    process; with `shard` (i, n) only the examples of that shard, with `device_map` the
+    models spread over devices. Holds the store's writer lock throughout."""
+    emit = on_progress or (lambda _event: None)
+    validate(job)
+    with store.locked():
+        if force:
+            store.drop_runs({job.run_id(r) for r in job.runs})
+        else:
+            check_resumable(store)
+        store.compact()  # resume: fold the parts of an interrupted job into the file
+        emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
+        prepared = prepare_job(job, device_map=device_map)
+        rows = store.rows()
+        if not force:
+            check_resume_environment(job, rows, prepared, store.path)
 
-    baselines = stored_baselines(job, rows)
-    for i, rep in units:
-        what = f"example {i + 1}/{len(example_ids)}, repeat {rep + 1}"
+        done_keys = store.completed_keys()
+        example_ids = [ex.example_id for ex in prepared.examples]
+        selected = set(shard_examples(len(example_ids), shard))
+        units = [u for u in pending_units(job, example_ids, done_keys) if u[0] in selected]
+        total = job.repeats * len(selected) * len(job.runs)
+        pending = [(rep, ex, run) for i, rep in units for ex in [example_ids[i]]
+                   for run in job.runs if (job.run_id(run), ex, rep) not in done_keys]
+        done = total - len(pending)
 
-        def measured(run: RunSpec, what: str = what) -> None:
-            nonlocal done
-            done += 1
-            emit(ProgressEvent("measure", done, total, f"{run.label} · {what}"))
+        # Warm-up: every pending configuration runs a few short generations before any timing.
+        warm_up(prepared, [p[2] for p in pending],
+                on_run=lambda run: emit(ProgressEvent("warmup", done, total, run.label)))
 
-        emit(ProgressEvent("measure", done, total, what))
-        store.append(list(measure_unit(prepared, i, rep, done_keys, baselines, on_run=measured)))
+        baselines = stored_baselines(job, rows)
+        for i, rep in units:
+            what = f"example {i + 1}/{len(example_ids)}, repeat {rep + 1}"
+
+            def measured(run: RunSpec, what: str = what) -> None:
+                nonlocal done
+                done += 1
+                emit(ProgressEvent("measure", done, total, f"{run.label} · {what}"))
+
+            emit(ProgressEvent("measure", done, total, what))
+            store.append(list(measure_unit(prepared, i, rep, done_keys, baselines,
+                                           on_run=measured)))
+        store.compact()
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(len(pending), total - len(pending))
 

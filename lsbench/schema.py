@@ -116,6 +116,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("device_name", pa.string(), "GPU or CPU model name"),
     ("dtype", pa.string(), "weights dtype"),
     ("threads", pa.int64(), "torch intra-op threads"),
+    ("host", pa.string(), "hostname of the machine that measured the row"),
+    ("worker", pa.string(), "Ray worker that measured the row (w<index>-pid<pid>), empty when "
+     "lsbench ran in one process"),
+    ("device_map", pa.string(), "--device-map (auto, balanced or a JSON file) when the models "
+     "were spread over devices, empty otherwise; device is then the LM head's"),
     ("timestamp", pa.string(), "UTC time the row was measured, ISO 8601"),
 ]
 

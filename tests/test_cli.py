@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import lsbench.runner
 from lsbench import __version__
 from lsbench.cli import app
+from lsbench.store import ResultStore, read_results
 from tests.test_runner import KEY, by_key, save_truncated, write_jsonl
 
 runner = CliRunner()
@@ -338,11 +339,9 @@ def test_refusal_in_a_real_process(tiny_model_dir: Path, data_file: Path, tmp_pa
 
 # --- SIGKILL mid-sweep, then resume -------------------------------------------------------------
 
-def _rows(path: Path) -> pd.DataFrame | None:
-    try:
-        return pd.read_parquet(path)
-    except (OSError, ValueError):
-        return None
+def _rows(path: Path) -> pd.DataFrame:
+    """What a reader sees mid-run: the file and its part files."""
+    return read_results([path]).drop(columns="source_file")
 
 
 def test_sigkill_then_resume(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
@@ -356,7 +355,7 @@ def test_sigkill_then_resume(tiny_model_dir: Path, data_file: Path, tmp_path: Pa
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            df = _rows(out) if out.exists() else None
+            df = _rows(out) if (tmp_path / ".k.parquet.parts").exists() else None
             if df is not None and len(df) >= 4:
                 break
             time.sleep(0.02)
@@ -367,7 +366,7 @@ def test_sigkill_then_resume(tiny_model_dir: Path, data_file: Path, tmp_path: Pa
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    killed = pd.read_parquet(out)
+    killed = _rows(out)
     assert 4 <= len(killed) < total and not killed.duplicated(KEY).any()
     before = by_key(killed)
 
@@ -380,4 +379,55 @@ def test_sigkill_then_resume(tiny_model_dir: Path, data_file: Path, tmp_path: Pa
     after = by_key(final)
     assert {k: after[k] for k in before} == before
     assert final.matches_baseline.all()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.parquet"]  # no temp files left
+    # no temp, part or lock files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.parquet"]
+
+
+def test_second_lsbench_on_the_same_out_refused(tiny_model_dir: Path, data_file: Path,
+                                                tmp_path: Path) -> None:
+    out = tmp_path / "s.parquet"
+    first = [str(a) for a in sweep_args(tiny_model_dir, data_file, out, "--limit", 1)]
+    assert invoke(*first).exit_code == 0
+    before = out.read_bytes()
+    args = [str(a) for a in sweep_args(tiny_model_dir, data_file, out, "-e", "2,4")]
+    # Measures one generation, then hangs in the second: it holds the lock until killed.
+    stuck = [sys.executable, "-c", "import time, lsbench.runner as r; g = r._generate; n = []; "
+             "r._generate = lambda *a: (n.append(1), time.sleep(600 if len(n) > 1 else 0), "
+             "g(*a))[2]; from lsbench.cli import app; app()"]
+    holder = subprocess.Popen([*stuck, *args], cwd=tmp_path, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        lock, parts = tmp_path / ".s.parquet.lock", tmp_path / ".s.parquet.parts"
+        while not lock.exists() and time.monotonic() < deadline:
+            assert holder.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.5)  # the lock file exists just before flock() takes it
+        listing = sorted(p.name for p in parts.glob("part-*.parquet"))
+        second = subprocess.run([*APP, *first], cwd=tmp_path, env=ENV, capture_output=True,
+                                text=True, timeout=120)
+        alive = holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert alive, "the first sweep ended before the second one started"
+    assert second.returncode == 1 and second.stdout == ""
+    assert second.stderr.strip().splitlines() == [
+        f"error: results file {out} is being written by another lsbench (pid {holder.pid}); "
+        "wait for it to finish or choose another --out"]
+    assert out.read_bytes() == before
+    assert set(listing) <= {p.name for p in parts.glob("part-*.parquet")}
+
+
+def test_compact_command(tiny_model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.parquet"
+    store = ResultStore(out)
+    store.append([{"run_id": "a", "example_id": "e", "repeat": 0}])
+    assert not out.exists()
+    result = invoke("compact", out)
+    assert result.exit_code == 0, result.output
+    assert "c.parquet: 1 rows" in result.stderr
+    assert pd.read_parquet(out).run_id.tolist() == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet"]
+    assert "nothing to compact" in invoke("compact", out).stderr
+    assert_refused(invoke("compact", tmp_path / "missing.parquet"), "not found")

@@ -347,3 +347,17 @@ def test_pld_acceptance_is_over_drafting_rounds_with_the_share_without_a_match()
     # A slow lossy run is still the best lossy one, and still not the lossless verdict.
     assert table[table["best lossy"]].iloc[0]["strategy"] == "exit"
     assert table[table["best"]].iloc[0]["strategy"] == "layerskip"
+
+
+def test_runs_measured_on_different_devices_are_flagged():
+    from lsbench.report import mixed_device_warnings
+
+    rows = [make_row(run_id="r1", strategy="layerskip", exit_layer=4, num_speculations=2,
+                     example_id=f"e{i}", device_name=name)
+            for i, name in enumerate(["NVIDIA A100", "NVIDIA H100", "NVIDIA A100"])]
+    rows += [make_row(run_id="r0", strategy="ar", example_id=f"e{i}", device_name="NVIDIA A100")
+             for i in range(3)]
+    lines = mixed_device_warnings(pd.DataFrame(rows))
+    assert lines == ["run r1 (early exit @ layer 4, k=2) has rows from different devices: "
+                     "NVIDIA A100, NVIDIA H100"]
+    assert mixed_device_warnings(pd.DataFrame(rows[3:])) == []

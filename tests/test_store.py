@@ -31,6 +31,13 @@ def run_rows(run_id: str, n: int = 2) -> list[dict]:
             for i in range(n)]
 
 
+def write(path: Path, rows: list[dict]) -> None:
+    """Append and compact: the results file itself holds the rows."""
+    store = ResultStore(path)
+    store.append(rows)
+    store.compact()
+
+
 def test_round_trip_with_lists_nan_and_nulls(tmp_path):
     path = tmp_path / "r.parquet"
     store = ResultStore(path)
@@ -55,7 +62,7 @@ def test_round_trip_with_lists_nan_and_nulls(tmp_path):
 
 def test_file_metadata_and_arrow_types(tmp_path):
     path = tmp_path / "r.parquet"
-    ResultStore(path).append(run_rows("a"))
+    write(path, run_rows("a"))
     meta = json.loads(pq.ParquetFile(path).metadata.metadata[b"lsbench"])
     assert meta["schema_version"] == SCHEMA_VERSION
     assert meta["created_by"] == f"lsbench {__version__}"
@@ -83,7 +90,8 @@ def test_drop_runs(tmp_path):
     store = ResultStore(path)
     for rid in "abc":
         store.append(run_rows(rid))
-    store.drop_runs({"b", "zzz"})
+    store.drop_runs({"b", "zzz"})  # compacts too
+    assert not (tmp_path / ".r.parquet.parts").exists()
     assert store.completed_run_ids() == {"a", "c"}
     assert ResultStore(path).completed_run_ids() == {"a", "c"}
     assert list(ResultStore(path).rows().run_id) == ["a", "a", "c", "c"]
@@ -98,6 +106,7 @@ def test_failed_replace_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "r.parquet"
     store = ResultStore(path)
     store.append(run_rows("a"))
+    store.compact()
     before = path.read_bytes()
 
     def boom(src, dst):
@@ -111,6 +120,7 @@ def test_failed_replace_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet"]
+    assert not store.has_parts()
     assert store.completed_run_ids() == {"a"}  # the cache did not record the failed write
     store.append(run_rows("b"))
     assert ResultStore(path).completed_run_ids() == {"a", "b"}
@@ -152,7 +162,7 @@ def test_lsbench_metadata_but_missing_columns_refused(tmp_path):
 
 def test_newer_schema_version_refused(tmp_path):
     path = tmp_path / "r.parquet"
-    ResultStore(path).append(run_rows("a"))
+    write(path, run_rows("a"))
     table = pq.read_table(path)
     meta = {b"lsbench": json.dumps({"schema_version": SCHEMA_VERSION + 1}).encode()}
     pq.write_table(table.replace_schema_metadata(meta), path)
@@ -202,11 +212,14 @@ CHILD = textwrap.dedent("""
     import sys
     from lsbench.store import ResultStore
     store = ResultStore(sys.argv[1])
+    store.lock()
     i = len(store.completed_run_ids())
     while True:
         store.append([{"run_id": f"run{i:05d}", "repeat": r, "output_ids": list(range(50)),
                        "output_text": "x" * 200} for r in range(3)])
         i += 1
+        if i % 4 == 0:  # kills land in compactions too
+            store.compact()
         print(i, flush=True)
 """)
 
@@ -240,3 +253,104 @@ def test_sigkill_during_appends_never_tears_the_file(tmp_path):
     store.append([{"run_id": f"run{done:05d}", "repeat": r} for r in range(3)])
     assert check_prefix(path) == done + 1
     assert not list(tmp_path.glob(".r.parquet.tmp-*"))  # stale temps were cleaned on open
+
+
+def test_appends_go_to_parts_readers_see_them_and_compaction_folds_them(tmp_path):
+    path = tmp_path / "r.parquet"
+    store = ResultStore(path)
+    store.append(run_rows("a"))
+    store.append(run_rows("b"))
+    assert not path.exists()  # mid-run: only parts
+    assert len(list((tmp_path / ".r.parquet.parts").glob("part-*.parquet"))) == 2
+    assert list(read_results([path]).run_id) == ["a", "a", "b", "b"]
+    assert ResultStore(path).completed_run_ids() == {"a", "b"}
+    assert store.compact() and not store.compact()
+    assert not (tmp_path / ".r.parquet.parts").exists()
+    store.append(run_rows("c"))  # file and parts together
+    assert list(read_results([path]).run_id) == ["a", "a", "b", "b", "c", "c"]
+    assert list(ResultStore(path).rows().run_id) == ["a", "a", "b", "b", "c", "c"]
+    store.compact()
+    assert list(pq.read_table(path).column("run_id").to_pylist()) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_crash_between_compaction_and_part_deletion_never_duplicates(tmp_path, monkeypatch):
+    path = tmp_path / "r.parquet"
+    store = ResultStore(path)
+    store.append(run_rows("a"))
+    store.append(run_rows("b"))
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies right after the compacted file is in place
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.compact()
+    monkeypatch.undo()
+    assert len(pq.read_table(path)) == 4  # the file has every row ...
+    assert len(list((tmp_path / ".r.parquet.parts").glob("part-*"))) == 2  # ... parts remain
+    again = ResultStore(path)
+    assert list(again.rows().run_id) == ["a", "a", "b", "b"]  # recognised by key, not twice
+    assert len(read_results([path])) == 4
+    again.append(run_rows("c"))
+    again.compact()
+    assert list(pq.read_table(path).column("run_id").to_pylist()) == ["a", "a", "b", "b", "c", "c"]
+    assert not (tmp_path / ".r.parquet.parts").exists()
+
+
+def test_corrupt_part_refused(tmp_path):
+    path = tmp_path / "r.parquet"
+    ResultStore(path).append(run_rows("a"))
+    part = next((tmp_path / ".r.parquet.parts").glob("part-*"))
+    part.write_bytes(b"garbage")
+    with pytest.raises(LsbenchError, match=r"bad part file part-.*refusing"):
+        ResultStore(path)
+    assert part.read_bytes() == b"garbage"
+
+
+LOCKER = textwrap.dedent("""
+    import sys, time
+    from lsbench.store import ResultStore
+    store = ResultStore(sys.argv[1])
+    store.lock()
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_second_writer_refused_while_a_process_holds_the_lock(tmp_path):
+    path = tmp_path / "r.parquet"
+    write(path, run_rows("a"))
+    before = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(path)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        store = ResultStore(path)  # reading is fine
+        with pytest.raises(LsbenchError, match=rf"being written by another lsbench "
+                                               rf"\(pid {holder.pid}\)") as e:
+            store.lock()
+        assert "\n" not in str(e.value)
+        assert path.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with store.locked():  # the dead holder's lock is gone with its process
+        with store.locked():  # re-entrant
+            store.append(run_rows("b"))
+        assert store._lock_fd is not None
+    assert store._lock_fd is None
+
+
+def test_bench_store_smoke(capsys):
+    from lsbench import bench_store
+
+    bench_store.main(["--sizes", "5,20", "--window", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["append at 5 rows", "append at 20 rows"]
+    assert all(line.endswith("ms/row") for line in lines[:2])
+    assert lines[2].startswith("compact 23 rows") and "largest/smallest" in lines[3]
+    row = bench_store.realistic_row(0, random.Random(0))
+    assert len(row["output_ids"]) == 64 and len(row["layer_tokens_decode"]) == 30
+    assert set(row) == set(COLUMN_NAMES)
