@@ -159,7 +159,7 @@ def _print_sweep_table(df) -> None:
         t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs "
                         "autoregressive in the same process", title_justify="left")
         cols = ["run", "k", "tokens/s", "speedup", "acceptance", "accepted len", "ROUGE-L",
-                "lossless"]
+                "roofline", "lossless"]
         for c in cols:
             t.add_column(c, justify="left" if c == "run" else "right")
         for _, row in rows.iterrows():
@@ -173,6 +173,14 @@ def _print_sweep_table(df) -> None:
             style = "bold green" if row["best"] else ("cyan" if row["strategy"] == "ar" else None)
             t.add_row(*cells, style=style)
         out.print(t)
+        base = rows[rows["strategy"] == "ar"]
+        if len(base) and base.iloc[0]["roofline"] == base.iloc[0]["roofline"]:
+            b = base.iloc[0]
+            out.print(f"roofline: autoregressive decoding reads weights at "
+                      f"{format_cell('weights GB/s', b['weights GB/s'])} GB/s, "
+                      f"{format_cell('roofline', b['roofline'])} of this device's memory copy "
+                      f"bandwidth ({format_cell('peak GB/s', b['peak GB/s'])} GB/s)",
+                      highlight=False)
         best = rows[rows["best"]]
         if len(best):
             b = best.iloc[0]

@@ -21,7 +21,8 @@ GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculation
 # Constant within a run; carried into the summary so that tables need not go back to the rows.
 CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
-MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s"]
+MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "achieved_gbps", "peak_gbps",
+           "roofline_fraction"]
 NONE = "—"
 
 
@@ -61,8 +62,9 @@ def _match_rate(g: pd.DataFrame) -> float:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run. Columns: the group keys, CARRIED, n, `<m>_median/_p25/_p75` for
     tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted),
-    mean_accepted_len, rougeL and match_rate (means), flops_prefill, flops_per_output_token and
-    prefill_s (medians). Each model/dataset block starts with its baseline."""
+    mean_accepted_len, rougeL and match_rate (means), flops_prefill, flops_per_output_token,
+    prefill_s, achieved_gbps, peak_gbps and roofline_fraction (medians). Each model/dataset
+    block starts with its baseline."""
     if df.empty:
         raise LsbenchError("no rows to summarize")
     keys = _group_keys(df)
@@ -150,6 +152,9 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
         "accepted len": s["mean_accepted_len"],
         "ROUGE-L": s["rougeL"],
         "lossless": s["match_rate"],
+        "weights GB/s": s["achieved_gbps"],
+        "peak GB/s": s["peak_gbps"],
+        "roofline": s["roofline_fraction"],
     })
     table["best"] = False
     blocks = [k for k in ("source_file", "model", "dataset") if k in s.columns]
@@ -193,6 +198,9 @@ def blog_table(df: pd.DataFrame) -> pd.DataFrame:
         "ROUGE-L": s["rougeL"],
         "speedup": s["speedup_median"],
         "speedup IQR": iqr,
+        # Not in the blog: weight bytes read per second against the device's copy bandwidth.
+        "weights GB/s": s["achieved_gbps"],
+        "roofline": s["roofline_fraction"],
     })
 
 
@@ -222,6 +230,10 @@ def format_cell(column: str, value) -> str:
         return str(value)
     if "speedup" in name:
         return f"{value:.2f}x"
+    if "roofline" in name:
+        return f"{value:.1%}"
+    if "gb/s" in name or "gbps" in name:
+        return _sig(value)
     if "gflops" in name:
         return _sig(value)
     if "flops" in name:

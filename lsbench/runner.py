@@ -10,7 +10,7 @@ import math
 import platform
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +23,15 @@ from lsbench.generation import DecodingConfig, Generation
 from lsbench.jobs import JobSpec, RunSpec
 from lsbench.metrics import (
     FlopModel,
+    WeightModel,
     agreement,
     count_flops,
+    count_weight_bytes,
     first_mismatch,
+    peak_gbps,
     peak_memory,
     reset_peak_memory,
+    roofline,
     rouge_scores,
 )
 from lsbench.models import (
@@ -70,6 +74,8 @@ class _Loaded:
     adapter: EarlyExitModel
     flop_model: FlopModel
     drafts: dict[str, tuple[LoadedModel, EarlyExitModel, FlopModel]]
+    weights: dict[str, WeightModel] = field(default_factory=dict)  # "" is the target
+    peak_gbps: float = math.nan  # the device's copy bandwidth, measured once per process
 
 
 def _load(job: JobSpec) -> _Loaded:
@@ -82,8 +88,11 @@ def _load(job: JobSpec) -> _Loaded:
                                "speculative decoding needs the same vocabulary")
         flops = FlopModel.from_config(draft.model.config)
         drafts[name] = (draft, EarlyExitModel(draft.model), flops)
-    return _Loaded(target, EarlyExitModel(target.model),
-                   FlopModel.from_config(target.model.config), drafts)
+    adapter = EarlyExitModel(target.model)
+    weights = {"": WeightModel.from_model(adapter),
+               **{name: WeightModel.from_model(d[1]) for name, d in drafts.items()}}
+    return _Loaded(target, adapter, FlopModel.from_config(target.model.config), drafts, weights,
+                   peak_gbps(str(adapter.device)))
 
 
 def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -215,6 +224,11 @@ def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repea
     if draft is not None and gen.draft_decode_counts is not None:
         flops_prefill += count_flops(draft[2], gen.draft_prefill_counts)
         flops_decode += count_flops(draft[2], gen.draft_decode_counts)
+    weight_bytes = count_weight_bytes(loaded.weights[""], gen.decode_counts)
+    if run.draft_model and gen.draft_decode_counts is not None:
+        weight_bytes += count_weight_bytes(loaded.weights[run.draft_model],
+                                           gen.draft_decode_counts)
+    achieved_gbps, roofline_fraction = roofline(weight_bytes, gen.decode_s, loaded.peak_gbps)
     ms_per_token = 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
     base_ms = baseline["ms_per_token"] if baseline else ms_per_token if run == job.runs[0] else None
     base_ids = baseline["output_ids"] if baseline else gen.tokens if run == job.runs[0] else None
@@ -257,6 +271,8 @@ def _row(job: JobSpec, run: RunSpec, run_id: str, ex: Example, index: int, repea
         "flops_prefill": flops_prefill, "flops_decode": flops_decode,
         "flops_per_output_token": (flops_decode / gen.decode_tokens if gen.decode_tokens
                                    else math.nan),
+        "weight_bytes_read": weight_bytes, "achieved_gbps": achieved_gbps,
+        "peak_gbps": loaded.peak_gbps, "roofline_fraction": roofline_fraction,
         "peak_mem_bytes": memory[0], "peak_mem_reserved_bytes": memory[1],
         **rouge_scores(text, ex.reference),
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
