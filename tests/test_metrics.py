@@ -321,6 +321,7 @@ def test_cpu_peak_memory_is_positive_rss():
     assert peak_memory(torch.device("cpu"))[0] >= allocated
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_tracks_allocations():
     reset_peak_memory("cuda")

@@ -116,3 +116,14 @@ def test_roofline_fraction():
     assert achieved == pytest.approx(6.0) and fraction == pytest.approx(0.5)
     assert all(math.isnan(x) for x in roofline(3e9, 0.0, 12.0))
     assert all(math.isnan(x) for x in roofline(0, 1.0, 12.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copy_bandwidth_and_roofline_of_a_layerskip_run():
+    peak = peak_gbps("cuda")
+    assert peak > 0 and math.isfinite(peak)
+    model = EarlyExitModel(tiny_model(seed=0, num_layers=4).to("cuda"))
+    gen = generate("layerskip", model, PROMPT, CFG, k=3, exit_layer=2)
+    counts = gen.decode_counts
+    assert count_weight_bytes(WeightModel.from_model(model), counts) == hand_count(counts)
