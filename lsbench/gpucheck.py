@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (step, weight of the budget, minimum seconds worth starting it with: GPU, tiny)
 STEPS: list[tuple[str, float, tuple[float, float]]] = [
     ("environment", 2, (5, 1)),
-    ("tests", 3, (20, 5)),
-    ("bench", 3, (20, 5)),
+    ("tests", 2, (20, 5)),
+    ("bench", 4, (20, 5)),
     ("quickstart", 3, (20, 5)),
     ("ab", 16, (120, 10)),
     ("devices", 1, (0, 0)),
@@ -242,7 +242,7 @@ def step_bench(c: Check, step: Step) -> None:
         args += ["--max-new-tokens", "8", "--exit-layers", "2", "--repeats", "1",
                  "--max-input-tokens", "64"]
     else:
-        args += ["--max-new-tokens", "48"]
+        args += ["--max-new-tokens", "48", "--repeats", "2"]
     step.markdown = []
     for dtype in ("bfloat16", "float32"):
         c.check_time()
@@ -400,7 +400,7 @@ def step_ab(c: Check, step: Step) -> None:
         overrides.update({("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
                           ("data", "max_input_tokens"): 40})
     else:
-        overrides.update({("data", "limit"): 4, ("decoding", "max_new_tokens"): 48,
+        overrides.update({("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
                           ("data", "max_input_tokens"): 384})
     frames, complete = [], True
     sweep_end = c.deadline - 5  # leave a few seconds for the summary and figures

@@ -164,11 +164,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@functools.cache
-def peak_gbps(device: str) -> float:
+def peak_gbps(device: torch.device | str) -> float:
     """The roofline's peak for `device`, measured once per process. On CPU the copy runs in a
     child process with this process's thread count: a large copy here would inflate the
     process's peak RSS, which is what `peak_memory` reports on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are one measurement
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _peak_gbps(str(dev))
+
+
+@functools.cache
+def _peak_gbps(device: str) -> float:
     if torch.device(device).type != "cpu":
         return measure_copy_gbps(device)
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
