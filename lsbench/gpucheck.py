@@ -85,6 +85,7 @@ class Check:
     device: str
     tiny: bool
     model_ref: str = "smollm2-135m"
+    self_tokens: int = 0  # the model's own sampled text added to the twins' training text
     epochs: float = 3.0
     train_tokens: int = 0
     lr: float = 1e-4
@@ -359,6 +360,50 @@ def heldout_before(cfg) -> tuple[dict, int]:
     return before, available
 
 
+def self_text(cfg, path: Path, tokens: int, seconds: float, batch: int, new_tokens: int,
+              prompt_tokens: int = 64) -> dict:
+    """Continuations the model samples (temperature 1, no filters: its own distribution) from
+    the opening tokens of its training articles, written to `path` as JSONL. Held-out articles
+    are not in the training text, so they prompt nothing. Stops at `tokens` or `seconds`."""
+    from transformers import GenerationConfig
+
+    from lsbench.models import load_model
+    from lsbench.train import load_corpus
+
+    started = time.perf_counter()
+    corpus = load_corpus(cfg)
+    loaded = load_model(cfg.init, device=cfg.device)  # bf16 on CUDA
+    tok, model = loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    starts = [ids[:prompt_tokens] for ids in (tok.encode(t, add_special_tokens=False)
+                                               for t in corpus.train) if len(ids) >= 8]
+    # Every knob set: generate() would otherwise fill them from the checkpoint's defaults.
+    gen_cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                               no_repeat_ngram_size=0, pad_token_id=pad,
+                               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(cfg.seed)
+    written = rows = 0
+    with path.open("w") as f:
+        while written < tokens and time.perf_counter() - started < seconds:
+            chunk = [starts[(rows + i) % len(starts)] for i in range(batch)]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk],
+                                device=model.device)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, generation_config=gen_cfg)
+            for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
+                new = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+                text = tok.decode(prompt + new, skip_special_tokens=True)
+                if new and text.strip():
+                    f.write(json.dumps({"id": f"self-{rows}", "article": text}) + "\n")
+                    written += len(new)
+                rows += 1
+    return {"tokens": written, "texts": rows, "seconds": time.perf_counter() - started,
+            "batch": batch, "new_tokens": new_tokens}
+
+
 def step_ab(c: Check, step: Step) -> None:
     from lsbench.ab import summary_markdown
     from lsbench.plots import plot_sweep
@@ -368,6 +413,15 @@ def step_ab(c: Check, step: Step) -> None:
     out = c.dir("ab")
     started = time.perf_counter()
     base = twin_config(c)
+    generated = None
+    if c.self_tokens:
+        c.say(f"  sampling up to {c.self_tokens:,} tokens of the model's own text...")
+        path = out / "self-text.jsonl"
+        batch, new = (4, 16) if c.tiny else (512, 256)
+        generated = self_text(base, path, c.self_tokens, 0.2 * c.left(), batch, new)
+        if generated["texts"]:
+            base = replace(base, data=(*base.data, f"jsonl:{path}"))
+        c.check_time()
     before, available = heldout_before(base)
     c.check_time()
     per_step = base.batch_size * base.seq_len
@@ -419,6 +473,7 @@ def step_ab(c: Check, step: Step) -> None:
             for kind in logs}
     step.details = {"tokens_per_twin": logs["baseline"]["tokens_seen"],
                     "steps_per_twin": logs["baseline"]["steps"], "tokens_available": available,
+                    "self_text": generated,
                     # the LayerSkip twin's time share ended its training before its tokens
                     "time_bound": logs["layerskip"]["tokens_seen"] < tokens,
                     "train_s": {k: v["train_s"] for k, v in logs.items()},
@@ -429,7 +484,10 @@ def step_ab(c: Check, step: Step) -> None:
     step.markdown = [
         f"Both twins: {logs['baseline']['tokens_seen']:,} tokens in "
         f"{logs['baseline']['steps']} steps from {base.init} ({available:,} training tokens "
-        f"available, held-out articles excluded); LayerSkip twin recipe "
+        "available, held-out articles excluded"
+        + (f", {generated['tokens']:,} of them the model's own sampled continuations of "
+           f"training-article openings" if generated else "")
+        + "); LayerSkip twin recipe "
         f"{json.dumps(asdict(twins['layerskip'].recipe))}.", "",
         f"Final-layer held-out loss: before {before['loss'][num_layers]:.3f}, baseline twin "
         f"{logs['baseline']['heldout']['loss'][num_layers]:.3f} ({rise['baseline']:+.1%}), "
@@ -558,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training passes over the text per twin (unless --train-tokens)")
     parser.add_argument("--train-tokens", type=int, default=0, help="tokens per twin")
     parser.add_argument("--lr", type=float, default=1e-4, help="twins' peak learning rate")
+    parser.add_argument("--self-tokens", type=int, default=None,
+                        help="tokens of the model's own sampled text added to the training "
+                        "text (default 1,000,000; 64 with --tiny; 0: none)")
     args = parser.parse_args(argv)
     if args.budget <= 0:
         raise LsbenchError("--budget must be positive")
@@ -568,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     steps = run_gpucheck(args.out, args.budget, args.device, args.tiny,
                          say=lambda m: print(m, flush=True), epochs=args.epochs,
-                         train_tokens=args.train_tokens, lr=args.lr, model_ref=args.model)
+                         train_tokens=args.train_tokens, lr=args.lr, model_ref=args.model,
+                         self_tokens=(args.self_tokens if args.self_tokens is not None
+                                      else 64 if args.tiny else 1_000_000))
     print(f"summary: {args.out / 'summary.md'}")
     return 1 if any(s.status == "failed" for s in steps) else 0
 

@@ -56,6 +56,13 @@ def test_tiny_dry_run_runs_every_step(dry_run):
     assert ab["tokens_per_twin"] > 0 and ab["steps_per_twin"] > 0
     assert set(ab["final_loss_rise"]) == {"baseline", "layerskip"}
     assert set(ab["ab"]["acceptance"]) == {"baseline", "layerskip"}
+    # the model's own text joined the training text; no held-out article prompted any of it
+    assert ab["self_text"]["tokens"] > 0
+    held = [json.loads(line)["article"] for line in
+            (out / "ab" / "heldout-news.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["article"] for line in
+             (out / "ab" / "self-text.jsonl").read_text().splitlines()]
+    assert texts and not any(t[:40] == h[:40] for t in texts for h in held)
     for kind in ("baseline", "layerskip"):
         twin = pd.read_parquet(out / "ab" / f"{kind}.parquet")
         assert set(twin.num_speculations) == {0, 2, 4, 6}
