@@ -525,9 +525,16 @@ def step_devices(c: Check, step: Step) -> None:
 
 
 def step_scan(c: Check, step: Step) -> None:
-    if importlib.util.find_spec("lsbench.scan") is None:
+    if not _has_module("scan"):
         raise _Skip("needs `lsbench scan` (issue 10): no lsbench.scan module")
     raise _Skip("lsbench.scan exists, but this step is not wired to it yet")
+
+
+def _has_module(name: str) -> bool:
+    """Whether lsbench.<name> exists in this lsbench (not in another checkout's editable
+    install, whose import finder answers for every lsbench.* name)."""
+    spec = importlib.util.find_spec(f"lsbench.{name}")
+    return bool(spec and spec.origin and Path(spec.origin).parent == Path(__file__).parent)
 
 
 class _Skip(Exception):
