@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab clean
+.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab gpu-check clean
 
 setup: $(STAMP)
 
@@ -61,3 +61,16 @@ ab: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The prepared GPU check (lsbench/gpucheck.py): environment and copy bandwidth, CUDA and
+# exactness tests in fp32/bf16, bench-engine, the quickstart sweep, and SmolLM2-135M trained on
+# twice (LayerSkip recipe vs baseline) and swept; each step within its share of GPU_BUDGET
+# seconds. Writes GPU_OUT/summary.md, summary.json and figures. On a machine whose python
+# already has CUDA torch: make gpu-check GPU_PYTHON=python3
+GPU_OUT ?= results/gpu
+GPU_BUDGET ?= 480
+GPU_ARGS ?=
+GPU_PYTHON ?= $(BIN)/python
+gpu-check:
+	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) setup; fi
+	$(GPU_PYTHON) -m lsbench.gpucheck --out $(GPU_OUT) --budget $(GPU_BUDGET) $(GPU_ARGS)

@@ -99,7 +99,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
-                     k_target: int = 4) -> tuple[str, dict]:
+                     k_target: int = 4, twins: dict[str, str] = TWINS) -> tuple[str, dict]:
+    """The A/B summary of two swept twins; `twins` maps baseline/layerskip to model names."""
     from lsbench.report import summarize
 
     s = summarize(df)
@@ -107,7 +108,7 @@ def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
     acc: dict[str, dict[int, float]] = {}
     best: dict[str, dict] = {}
     speed: dict[str, dict[int, float]] = {}
-    for kind, name in TWINS.items():
+    for kind, name in twins.items():
         rows = s[(s["model"] == name) & (s["strategy"] == "layerskip")]
         at_k = rows[rows["num_speculations"] == k_target]
         acc[kind] = {int(r.exit_layer): float(r.acceptance_rate) for r in at_k.itertuples()}
@@ -123,7 +124,7 @@ def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
             for kind in TWINS}
     agree = {kind: {int(e): v for e, v in logs[kind]["heldout"]["agreement"].items()}
              for kind in TWINS}
-    distinct = {kind: distinct_share(df[df["model"] == name]) for kind, name in TWINS.items()}
+    distinct = {kind: distinct_share(df[df["model"] == name]) for kind, name in twins.items()}
     half = [e for e in range(1, num_layers // 2 + 1)]
     ratios = {e: _ratio(acc["layerskip"].get(e, math.nan), acc["baseline"].get(e, math.nan))
               for e in half}

@@ -209,7 +209,7 @@ def _print_sweep_table(df) -> None:
         cols += ["no-draft rounds"] if rows["strategy"].eq("pld").any() else []
         cols += ["accepted len", "ROUGE-L"]
         cols += ["agreement"] if rows["lossy"].any() else []
-        cols += ["lossless"]
+        cols += ["roofline", "lossless"]
         for c in cols:
             header = {"speedup": "speedup [95% CI]", "vs transformers": "vs HF"}.get(c, c)
             t.add_column(header, justify="left" if c == "run" else "right")
@@ -230,6 +230,14 @@ def _print_sweep_table(df) -> None:
                      else "cyan" if row["strategy"] == "ar" else None)
             t.add_row(*cells, style=style)
         out.print(t)
+        base = rows[rows["strategy"] == "ar"]
+        if len(base) and base.iloc[0]["roofline"] == base.iloc[0]["roofline"]:
+            b = base.iloc[0]
+            out.print(f"roofline: autoregressive decoding reads weights at "
+                      f"{format_cell('weights GB/s', b['weights GB/s'])} GB/s, "
+                      f"{format_cell('roofline', b['roofline'])} of this device's memory copy "
+                      f"bandwidth ({format_cell('peak GB/s', b['peak GB/s'])} GB/s)",
+                      highlight=False)
         best = rows[rows["best"]]
         if len(best):
             b = best.iloc[0]

@@ -121,6 +121,7 @@ class CountingHooks:
 
         def head(_mod, args):
             counts.head_tokens += args[0].shape[1]
+            counts.head_calls += 1
 
         def embed(_mod, args):
             counts.embed_tokens += args[0].shape[1]

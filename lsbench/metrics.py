@@ -1,5 +1,6 @@
-"""Measurements derived from raw facts: analytic FLOPs from evaluation counts, ROUGE against a
-reference summary, losslessness verdicts, and memory.
+"""Measurements derived from raw facts: analytic FLOPs and weight bytes read from evaluation
+counts, the device's memory copy bandwidth (the roofline's peak), ROUGE against a reference
+summary, losslessness verdicts, and memory.
 
 FLOPs are counted, not guessed: `count_flops` multiplies the work the adapter recorded
 (`EvalCounts`) by per-architecture matmul costs read from the model config. The tests check it
@@ -10,11 +11,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from lsbench.models import EvalCounts
+from lsbench.errors import LsbenchError
+from lsbench.models import EarlyExitModel, EvalCounts
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -92,6 +99,104 @@ def count_flops(fm: FlopModel, counts: EvalCounts) -> float:
     return float(sum(counts.layer_tokens) * fm.layer_token_flops
                  + sum(counts.attn_pairs) * fm.attn_pair_flops
                  + counts.head_tokens * fm.head_token_flops)
+
+
+# --- roofline: weight bytes read against the device's copy bandwidth -----------------------
+
+@dataclass(frozen=True)
+class WeightModel:
+    """Bytes of weights one call reads: at batch 1 every forward through a decoder layer reads
+    all of that layer's parameters, every LM-head call the final norm and the whole head, and the
+    embedding reads one row per token."""
+
+    layer_bytes: tuple[int, ...]  # per decoder layer: its parameters' bytes
+    head_bytes: int  # final norm + LM head (the tied embedding matrix when tied)
+    embed_row_bytes: int  # one embedding row
+
+    @classmethod
+    def from_model(cls, model: EarlyExitModel) -> WeightModel:
+        def size(module: torch.nn.Module) -> int:
+            return sum(p.numel() * p.element_size() for p in module.parameters())
+
+        table = model.backbone.embed_tokens.weight
+        return cls(layer_bytes=tuple(size(layer) for layer in model.backbone.layers),
+                   head_bytes=size(model.backbone.norm) + size(model.model.lm_head),
+                   embed_row_bytes=table.shape[1] * table.element_size())
+
+
+def count_weight_bytes(wm: WeightModel, counts: EvalCounts) -> int:
+    """Weight bytes read by the work in `counts`: layer calls x layer bytes, head calls x head
+    bytes, embedded tokens x one row. KV-cache and activation traffic are not counted: at batch
+    1 and short contexts the weights dominate."""
+    return (sum(c * b for c, b in zip(counts.layer_calls, wm.layer_bytes, strict=True))
+            + counts.head_calls * wm.head_bytes + counts.embed_tokens * wm.embed_row_bytes)
+
+
+# Copy sizes well past the last-level cache (this CPU's L3 is 260 MiB; an H200's L2 is 60 MB).
+COPY_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
+
+
+def measure_copy_gbps(device: torch.device | str, nbytes: int | None = None,
+                      repeats: int = 5) -> float:
+    """Best-of-`repeats` memory copy bandwidth of `device` in GB/s, in this process. A copy of
+    n bytes moves 2n (read + write), counted as STREAM's copy and CUDA's bandwidthTest count
+    it. The device is synchronised around every timed copy."""
+    dev = torch.device(device)
+    n = (nbytes or COPY_BYTES.get(dev.type, COPY_BYTES["cpu"])) // 4
+    src = torch.ones(n, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # faults the destination's pages in: not timed
+    best = math.inf
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # leave no reserved memory behind for the peak-memory columns
+    return 2 * n * 4 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gbps(device: torch.device | str) -> float:
+    """The roofline's peak for `device`, measured once per process. On CPU the copy runs in a
+    child process with this process's thread count: a large copy here would inflate the
+    process's peak RSS, which is what `peak_memory` reports on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" are one measurement
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _peak_gbps(str(dev))
+
+
+@functools.cache
+def _peak_gbps(device: str) -> float:
+    if torch.device(device).type != "cpu":
+        return measure_copy_gbps(device)
+    code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "from lsbench.metrics import measure_copy_gbps; print(measure_copy_gbps('cpu'))")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=300, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        raise LsbenchError(f"could not measure the CPU copy bandwidth: {exc}") from None
+
+
+def roofline(weight_bytes: float, decode_s: float, peak: float) -> tuple[float, float]:
+    """(achieved GB/s, fraction of the peak) of reading `weight_bytes` in `decode_s` seconds."""
+    if not decode_s > 0 or not weight_bytes:
+        return math.nan, math.nan
+    achieved = weight_bytes / decode_s / 1e9
+    return achieved, achieved / peak if peak > 0 else math.nan
 
 
 # --- agreement with the baseline -----------------------------------------------------------

@@ -314,6 +314,7 @@ class EvalCounts:
     layer_calls: list[int]  # per decoder layer: forward calls (a call may carry many tokens)
     embed_tokens: int = 0
     head_tokens: int = 0  # tokens through final norm + LM head
+    head_calls: int = 0  # final norm + LM head calls (each reads the whole head once)
 
     @classmethod
     def zeros(cls, num_layers: int) -> EvalCounts:
@@ -321,7 +322,7 @@ class EvalCounts:
 
     def copy(self) -> EvalCounts:
         return EvalCounts(list(self.layer_tokens), list(self.attn_pairs), list(self.layer_calls),
-                          self.embed_tokens, self.head_tokens)
+                          self.embed_tokens, self.head_tokens, self.head_calls)
 
     def minus(self, other: EvalCounts) -> EvalCounts:
         def diff(a: list[int], b: list[int]) -> list[int]:
@@ -331,7 +332,8 @@ class EvalCounts:
                           diff(self.attn_pairs, other.attn_pairs),
                           diff(self.layer_calls, other.layer_calls),
                           self.embed_tokens - other.embed_tokens,
-                          self.head_tokens - other.head_tokens)
+                          self.head_tokens - other.head_tokens,
+                          self.head_calls - other.head_calls)
 
 
 class EarlyExitModel:
@@ -438,6 +440,7 @@ class EarlyExitModel:
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         self.counts.head_tokens += hidden.shape[1]
+        self.counts.head_calls += 1
         return out
 
 

@@ -25,7 +25,8 @@ GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculation
 # Constant within a run; carried into the summary so that tables need not go back to the rows.
 CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
-MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s"]
+MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s", "achieved_gbps",
+           "peak_gbps", "roofline_fraction"]
 NONE = "—"
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
 BOOTSTRAP_SEED = 0
@@ -140,7 +141,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted, so
     rounds that drafted nothing do not count), rounds and rounds_without_draft (sums),
     mean_accepted_len, rougeL, agreement and match_rate (means), flops_prefill,
-    flops_per_output_token, prefill_s and draft_s (medians); the speedup estimators
+    flops_per_output_token, prefill_s, draft_s, achieved_gbps, peak_gbps and
+    roofline_fraction (medians); the speedup estimators
     (`_speedup_estimates`): speedup_example_median with speedup_ci_low/high, time_ratio,
     n_examples; baseline_strategy; the losslessness verdict (worst of the rows) with near_ties
     and mismatches; and vs_transformers, lsbench's ms/token over transformers' for the same
@@ -283,6 +285,9 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
         "lossless": s["match_rate"],
         "verdict": s["verdict"],
         "lossy": s["lossy"],
+        "weights GB/s": s["achieved_gbps"],
+        "peak GB/s": s["peak_gbps"],
+        "roofline": s["roofline_fraction"],
     })
     table["best"] = False
     table["best lossy"] = False
@@ -339,6 +344,9 @@ def blog_table(df: pd.DataFrame) -> pd.DataFrame:
         "n": s["n_examples"],
         "vs transformers": s["vs_transformers"],
         "lossless": s["verdict"],
+        # Not in the blog: weight bytes read per second against the device's copy bandwidth.
+        "weights GB/s": s["achieved_gbps"],
+        "roofline": s["roofline_fraction"],
     })
 
 
@@ -368,6 +376,10 @@ def format_cell(column: str, value) -> str:
         return str(value)
     if "speedup" in name or "ratio" in name or "vs transformers" in name:
         return f"{value:.2f}x"
+    if "roofline" in name:
+        return f"{value:.1%}"
+    if "gb/s" in name or "gbps" in name:
+        return _sig(value)
     if "gflops" in name:
         return _sig(value)
     if "flops" in name:

@@ -17,7 +17,7 @@ import platform
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +32,16 @@ from lsbench.generation import DecodingConfig, Generation
 from lsbench.jobs import BASELINES, JobSpec, RunSpec, baseline_of
 from lsbench.metrics import (
     FlopModel,
+    WeightModel,
     agreement,
     count_flops,
+    count_weight_bytes,
     first_mismatch,
     logit_gap,
     lossless_verdict,
+    peak_gbps,
     peak_memory_delta,
+    roofline,
     rouge_scores,
     start_memory_window,
     teacher_forced_logits,
@@ -88,6 +92,8 @@ class _Loaded:
     adapter: EarlyExitModel
     flop_model: FlopModel
     drafts: dict[str, tuple[LoadedModel, EarlyExitModel, FlopModel]]
+    weights: dict[str, WeightModel] = field(default_factory=dict)  # "" is the target
+    peak_gbps: float = math.nan  # the device's copy bandwidth, measured once per process
 
 
 def _load(job: JobSpec, device_map: str | None = None) -> _Loaded:
@@ -104,8 +110,11 @@ def _load(job: JobSpec, device_map: str | None = None) -> _Loaded:
         flops = FlopModel.from_config(draft.model.config)
         # One tokenizer, however many LM-head rows each model pads to.
         drafts[name] = (draft, EarlyExitModel(draft.model, len(draft.tokenizer)), flops)
-    return _Loaded(target, EarlyExitModel(target.model, len(target.tokenizer)),
-                   FlopModel.from_config(target.model.config), drafts)
+    adapter = EarlyExitModel(target.model, len(target.tokenizer))
+    weights = {"": WeightModel.from_model(adapter),
+               **{name: WeightModel.from_model(d[1]) for name, d in drafts.items()}}
+    return _Loaded(target, adapter, FlopModel.from_config(target.model.config), drafts, weights,
+                   peak_gbps(str(adapter.device)))
 
 
 def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -408,6 +417,11 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
     if draft is not None and gen.draft_decode_counts is not None:
         flops_prefill += count_flops(draft[2], gen.draft_prefill_counts)
         flops_decode += count_flops(draft[2], gen.draft_decode_counts)
+    weight_bytes_read = count_weight_bytes(loaded.weights[""], gen.decode_counts)
+    if run.draft_model and gen.draft_decode_counts is not None:
+        weight_bytes_read += count_weight_bytes(loaded.weights[run.draft_model],
+                                                gen.draft_decode_counts)
+    achieved_gbps, roofline_fraction = roofline(weight_bytes_read, gen.decode_s, loaded.peak_gbps)
     ms_per_token = _ms_per_token(gen)
     base_ms = baseline["ms_per_token"] if baseline else None
     base_ids = baseline["output_ids"] if baseline else None
@@ -454,6 +468,8 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "flops_prefill": flops_prefill, "flops_decode": flops_decode,
         "flops_per_output_token": (flops_decode / gen.decode_tokens if gen.decode_tokens
                                    else math.nan),
+        "weight_bytes_read": weight_bytes_read, "achieved_gbps": achieved_gbps,
+        "peak_gbps": loaded.peak_gbps, "roofline_fraction": roofline_fraction,
         "weight_bytes": weights, "kv_cache_bytes": gen.kv_cache_bytes,
         "peak_mem_delta_bytes": mem_delta,
         **rouge_scores(text, ex.reference),

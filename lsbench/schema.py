@@ -83,6 +83,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),
     ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + draft"),
     ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens"),
+    ("weight_bytes_read", pa.int64(), "weight bytes read in decode, target + draft: layer calls "
+     "x layer bytes + LM-head calls x head bytes + embedded tokens x one embedding row"),
+    ("achieved_gbps", pa.float64(), "weight_bytes_read / decode_s / 1e9"),
+    ("peak_gbps", pa.float64(), "the device's memory copy bandwidth in GB/s (read + write), "
+     "measured once per process: the roofline's peak"),
+    ("roofline_fraction", pa.float64(), "achieved_gbps / peak_gbps: how close decoding comes to "
+     "the weight-read bound at batch 1"),
     ("weight_bytes", pa.int64(), "bytes of the weights the strategy uses: target, plus the "
      "draft model where it has one"),
     ("kv_cache_bytes", pa.int64(), "bytes of the KV-cache tensors allocated at the run's peak "

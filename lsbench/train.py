@@ -167,6 +167,16 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def heldout_rows(tokenizer, heldout: list[Example], seq_len: int) -> torch.Tensor | None:
+    """The held-out articles packed for `evaluate`; None without any."""
+    if not heldout:
+        return None
+    held_text = [e.article for e in heldout]
+    held_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in held_text)
+    # A few short held-out articles may not fill one training-length row.
+    return pack(tokenizer, held_text, min(seq_len, held_tokens))
+
+
 class Batches:
     """Seeded epochs over the packed rows: the same seed gives both twins the same data order."""
 
@@ -276,13 +286,7 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Tra
         model = build_model(cfg, tokenizer)
     model.to(device).train()
     rows = pack(tokenizer, corpus.train, cfg.seq_len)
-    held_rows = None
-    if corpus.heldout:
-        held_text = [e.article for e in corpus.heldout]
-        held_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 2
-                          for t in held_text)
-        # A few short held-out articles may not fill one training-length row.
-        held_rows = pack(tokenizer, held_text, min(cfg.seq_len, held_tokens))
+    held_rows = heldout_rows(tokenizer, corpus.heldout, cfg.seq_len)
     batches = Batches(rows, cfg.batch_size, cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = cfg.tokens // tokens_per_step if cfg.tokens else 0

@@ -6,6 +6,7 @@ exact-equality assertions test the algorithm rather than rounding.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", pad_token="<pad>")
 
 
+# `make gpu-check` reruns the exactness tests that use `target` on its device and dtype.
+TEST_DEVICE = os.environ.get("LSBENCH_TEST_DEVICE", "cpu")
+TEST_DTYPE = getattr(torch, os.environ.get("LSBENCH_TEST_DTYPE", "float64"))
+
+
 @pytest.fixture(scope="session")
 def target() -> EarlyExitModel:
-    return EarlyExitModel(tiny_model(seed=0, num_layers=4))
+    return EarlyExitModel(tiny_model(seed=0, num_layers=4, dtype=TEST_DTYPE).to(TEST_DEVICE))
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,7 @@ def test_sweep(swept) -> None:
     assert "autoregressive" in result.stdout
     assert "early exit @ layer 1" in result.stdout and "early exit @ layer 3" in result.stdout
     assert "best lossless: early exit @ layer" in result.stdout
+    assert "roofline: autoregressive decoding reads weights at" in result.stdout
     assert "measured 6 generations, 0 already in" in result.stderr
     df = pd.read_parquet(out)
     assert len(df) == 3 * 2 and not df.duplicated(KEY).any()

@@ -331,6 +331,7 @@ def test_weight_bytes_counts_tied_weights_once():
     assert weight_bytes(tied) == 8 * 3 * 4
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_delta_tracks_the_runs_own_allocations():
     held = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # not the run's

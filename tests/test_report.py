@@ -212,6 +212,16 @@ def test_markdown_escapes_pipes_and_renders_missing_values():
     assert "a\\|b" in text and "—" in text and "✓" in text
 
 
+def test_roofline_in_sweep_and_blog_tables():
+    df = make_results(models=MODELS[:1], achieved_gbps=5.0, peak_gbps=20.0,
+                      roofline_fraction=0.25)
+    for table in (sweep_table(df), blog_table(df)):
+        assert table["roofline"].tolist() == pytest.approx([0.25] * len(table))
+        assert table["weights GB/s"].tolist() == pytest.approx([5.0] * len(table))
+    assert "25.0%" in to_markdown(blog_table(df))
+    assert summarize(df)["peak_gbps"].tolist() == pytest.approx([20.0] * len(sweep_table(df)))
+
+
 def test_cell_formats():
     assert format_cell("tokens/s", 123.456) == "123.46"
     assert format_cell("speedup", 1.5) == "1.50x"

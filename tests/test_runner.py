@@ -191,6 +191,19 @@ def test_derived_columns_follow_their_definitions(sweep: Sweep) -> None:
         assert r["layer_tokens_decode"][0] >= r["layer_tokens_decode"][-1]
 
 
+def test_roofline_columns(sweep: Sweep) -> None:
+    df = sweep.df
+    # float64 tiny Llama (hidden 32, intermediate 64, 2 KV heads of 8, vocab 84): per layer
+    # 9280 weights, LM head + final norm 84 * 32 + 32, one embedding row 32; 8 bytes each.
+    per_ar_token = 8 * (4 * 9280 + 84 * 32 + 32 + 32)
+    ar = df[df.strategy == "ar"]
+    assert (ar.weight_bytes_read == ar.decode_tokens * per_ar_token).all()
+    assert (df.weight_bytes_read > 0).all()
+    assert df.peak_gbps.nunique() == 1 and df.peak_gbps.iloc[0] > 0
+    assert np.allclose(df.achieved_gbps, df.weight_bytes_read / df.decode_s / 1e9)
+    assert np.allclose(df.roofline_fraction, df.achieved_gbps / df.peak_gbps)
+
+
 def test_rouge_is_nan_exactly_without_reference(sweep: Sweep) -> None:
     df = sweep.df
     has_ref = df.example_id.map(lambda i: REFERENCES[i] is not None)
