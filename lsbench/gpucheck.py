@@ -8,12 +8,13 @@ Steps: (1) environment and the device's copy bandwidth, (2) the CUDA-marked test
 layerskip = ar exactness tests on the device in fp32 and bf16, (3) `make bench-engine` in short
 form in bf16 and fp32, (4) the quickstart sweep with plots, (5) the blog's pair: SmolLM2-135M
 trained on for the same tokens twice, with the LayerSkip recipe and without, swept at every
-exit layer with k = 2, 4, 6 on held-out articles, (6) a model across devices, (7) `lsbench
-scan`. OUT ends with summary.md, summary.json and the figures; both summaries are rewritten
-after every step, so an interrupted check keeps what it did. `--device cpu --tiny` runs the
-same steps at toy scale (a tiny random model, a few training steps, a handful of tokens).
-Exit status 1 when a step failed, else 0 (skipped and partial steps are written down, not
-failures).
+exit layer with k = 2, 4, 6 on held-out articles, (6) a short sweep with a device map that
+splits the layers between cuda:0 and the CPU (all-cpu in the dry run), (7) `lsbench scan` of
+step 5's LayerSkip twin with its 3 best points verified. OUT ends with summary.md, summary.json
+and the figures; both summaries are rewritten after every step, so an interrupted check keeps
+what it did. `--device cpu --tiny` runs the same steps at toy scale (a tiny random model, a few
+training steps, a handful of tokens). Exit status 1 when a step failed, else 0 (skipped and
+partial steps are written down, not failures).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -31,7 +31,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,8 +47,8 @@ STEPS: list[tuple[str, float, tuple[float, float]]] = [
     ("bench", 4, (20, 5)),
     ("quickstart", 3, (20, 5)),
     ("ab", 16, (120, 10)),
-    ("devices", 1, (0, 0)),
-    ("scan", 1, (0, 0)),
+    ("devices", 1, (20, 3)),
+    ("scan", 2, (30, 5)),
 ]
 # layerskip = ar exactness tests of tests/test_engine.py that build on the `target` fixture,
 # which conftest moves to LSBENCH_TEST_DEVICE / LSBENCH_TEST_DTYPE.
@@ -91,6 +91,7 @@ class Check:
     lr: float = 1e-4
     deadline: float = 0.0
     say: Callable[[str], None] = print
+    twins: dict[str, str] = field(default_factory=dict)  # step 5's trained models, by kind
     _model: str | None = None
 
     def left(self) -> float:
@@ -270,7 +271,8 @@ def sweep_settings(c: Check, file: Path, overrides: dict[tuple[str, str], object
     return s
 
 
-def run_sweep(c: Check, settings, path: Path) -> tuple[object, bool]:
+def run_sweep(c: Check, settings, path: Path, device_map: str | None = None
+              ) -> tuple[object, bool]:
     """Run a sweep into `path` (fresh), stopping at the deadline; (rows, complete)."""
     from lsbench.jobs import sweep_job
     from lsbench.models import model_num_layers
@@ -282,7 +284,7 @@ def run_sweep(c: Check, settings, path: Path) -> tuple[object, bool]:
     store = ResultStore(path)
     complete = True
     try:
-        run_job(job, store, on_progress=c.progress_guard)
+        run_job(job, store, on_progress=c.progress_guard, device_map=device_map)
     except OutOfTime:
         complete = False
     return (store.rows() if path.exists() else None), complete
@@ -446,6 +448,7 @@ def step_ab(c: Check, step: Step) -> None:
         with _autocast(c.device):
             logs[kind] = train(cfg).log
     names = {kind: str(output_dir(twins[kind].out)) for kind in twins}
+    c.twins = names
     (out / "heldout-news.jsonl").write_bytes(
         (Path(names["layerskip"]) / HELDOUT_FILE).read_bytes())
     sweep_file = ROOT / "sweeps" / "ab-twins.toml"
@@ -513,22 +516,126 @@ def step_ab(c: Check, step: Step) -> None:
         step.status, step.reason = "partial", "the twins' sweeps reached their share of the budget"
 
 
-# --- 6, 7: waiting for other issues --------------------------------------------------------
+# --- 6. a model across devices --------------------------------------------------------------
+
+def device_map_for(num_layers: int, device: str) -> dict[str, str]:
+    """A --device-map file's mapping: on CUDA the embeddings and the first half of the layers
+    on cuda:0, the rest with the final norm and the head on the CPU (every hidden state
+    crosses once per token fed); on a CPU every module on cpu (the dry run of the same path)."""
+    first = "cuda:0" if torch.device(device).type == "cuda" else "cpu"
+    half = max(1, num_layers // 2)
+    return {"model.embed_tokens": first, "model.rotary_emb": first,
+            **{f"model.layers.{i}": first if i < half else "cpu" for i in range(num_layers)},
+            "model.norm": "cpu", "lm_head": "cpu"}
+
 
 def step_devices(c: Check, step: Step) -> None:
-    from lsbench import runner
-    from lsbench.jobs import JobSpec
+    from lsbench.models import model_num_layers
+    from lsbench.report import sweep_table, to_markdown
 
-    if ("device_map" not in inspect.signature(runner.run_job).parameters
-            and "device_map" not in {f.name for f in fields(JobSpec)}):
-        raise _Skip("needs --device-map (issue 11): lsbench.runner has no device_map argument")
-    raise _Skip("lsbench.runner has device_map, but this step is not wired to it yet")
+    file = ROOT / "sweeps" / "quickstart.toml"
+    if not file.is_file():
+        raise _Skip(f"{file} not found")
+    out = c.dir("devices")
+    num_layers = model_num_layers(c.model())
+    mapping = device_map_for(num_layers, c.device)
+    map_file = out / "device-map.json"
+    map_file.write_text(json.dumps(mapping, indent=1))
+    split = torch.device(c.device).type == "cuda"
+    # The quickstart shortened: 2 examples, a few tokens, layerskip at 2 exit layers.
+    layers = [1, 2] if c.tiny else [6, 12]
+    overrides: dict = {("", "model"): c.model(), ("", "dtype"): "float32",
+                       ("data", "limit"): 2, ("decoding", "max_new_tokens"): 8 if c.tiny else 24,
+                       ("sweep", "exit_layers"): layers, ("sweep", "strategies"): ["layerskip"]}
+    if c.tiny:
+        overrides[("data", "max_input_tokens")] = 64
+    settings = sweep_settings(c, file, overrides)
+    df, complete = run_sweep(c, settings, out / "devices.parquet", device_map=str(map_file))
+    if df is None or df.empty:
+        raise OutOfTime
+    runs = df.groupby(["strategy", "exit_layer", "num_speculations"], sort=False).agg(
+        tokens_per_s=("tokens_per_s", "median"), lossless=("matches_baseline", "all"),
+        rows=("example_id", "size")).reset_index()
+    half = max(1, num_layers // 2)
+    label = (f"embeddings + layers 0-{half - 1} on cuda:0, layers {half}-{num_layers - 1} + "
+             "norm + head on cpu" if split
+             else "all-cpu map: a dry run of the device-map path, no device boundary")
+    step.details = {"device_map": mapping,
+                    "device_map_file": str(map_file.relative_to(c.out)),
+                    "split": split, "label": label,
+                    "device_map_column": sorted(set(df["device_map"].astype(str))),
+                    "runs": json.loads(runs.to_json(orient="records")),
+                    "lossless": bool(df.loc[~df["is_baseline"], "matches_baseline"].all())}
+    step.markdown = [f"Device map ({label}): `{map_file.relative_to(c.out)}`.", "",
+                     to_markdown(sweep_table(df).drop(columns=["model", "dataset"]))]
+    if not step.details["lossless"]:
+        step.status, step.reason = "failed", "an output across devices differed from ar's"
+    elif not complete:
+        step.status, step.reason = "partial", "the sweep reached its share of the budget"
 
+
+# --- 7. lsbench scan ---------------------------------------------------------------------------
 
 def step_scan(c: Check, step: Step) -> None:
+    """Scan step 5's LayerSkip twin at every exit layer and k = 1..8 on the held-out articles,
+    then time the 3 best predicted points with the sweep machinery (`lsbench scan --verify`)."""
     if not _has_module("scan"):
         raise _Skip("needs `lsbench scan` (issue 10): no lsbench.scan module")
-    raise _Skip("lsbench.scan exists, but this step is not wired to it yet")
+    from lsbench import scan_report
+    from lsbench.models import model_num_layers
+    from lsbench.report import to_markdown
+    from lsbench.runner import run_job
+    from lsbench.scan import run_scan, scan_spec, verify_job, write_scan
+    from lsbench.scan_plots import plot_scan
+    from lsbench.store import ResultStore
+
+    twin = c.twins.get("layerskip")
+    heldout = c.out / "ab" / "heldout-news.jsonl"
+    if not twin or not (Path(twin) / "config.json").is_file() or not heldout.is_file():
+        raise _Skip("needs the LayerSkip twin of step 5, which did not produce one")
+    out = c.dir("scan")
+    overrides: dict = {("", "model"): twin, ("", "name"): "gpucheck-scan",
+                       ("data", "dataset"): f"jsonl:{heldout}", ("sweep", "exit_layers"): "all",
+                       ("sweep", "num_speculations"): "1:3" if c.tiny else "1:8"}
+    if c.tiny:
+        overrides.update({("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
+                          ("data", "max_input_tokens"): 40})
+    else:
+        overrides.update({("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
+                          ("data", "max_input_tokens"): 384})
+    settings = sweep_settings(c, ROOT / "sweeps" / "ab-twins.toml", overrides)
+    spec = scan_spec(settings, model_num_layers(twin))
+    c.say(f"  scanning {spec.points} points per example...")
+    result = run_scan(spec, on_progress=c.progress_guard)
+    scan_file, _ = write_scan(result, out / "twin.scan.parquet")
+    step.details = {"model": twin, "points_per_example": spec.points,
+                    "exit_layers": list(spec.exit_layers), "ks": list(spec.ks),
+                    "scan_file": str(scan_file.relative_to(c.out)), "rows": len(result.rows)}
+    step.markdown = ["Predicted (no timing of these points): the 10 best of "
+                     f"{spec.points} points per example.", "",
+                     to_markdown(scan_report.scan_table(result.rows, 10)), ""]
+    points = scan_report.top_points(result.rows, 3)
+    job = verify_job(spec, points)
+    verify_file = out / "verify.parquet"
+    verify_file.unlink(missing_ok=True)
+    store = ResultStore(verify_file)
+    complete = True
+    try:
+        run_job(job, store, on_progress=c.progress_guard)
+    except OutOfTime:
+        complete = False
+    measured = store.rows() if verify_file.exists() else None
+    if measured is not None:
+        measured = measured[measured.run_id.isin({job.run_id(r) for r in job.runs})]
+        table = scan_report.predicted_vs_measured(result.rows, measured, points)
+        step.details["verified"] = json.loads(table.to_json(orient="records"))
+        step.markdown += ["Predicted against measured (the 3 best predicted points, timed by "
+                          "the sweep machinery):", "", to_markdown(table), ""]
+    figures = plot_scan(scan_report.read_scans([scan_file]), out / "plots", "png", measured)
+    step.details["figures"] = [str(p.relative_to(c.out)) for p in figures]
+    step.markdown += [f"![{p.stem}]({p.relative_to(c.out)})" for p in figures]
+    if not complete or len(step.details.get("verified", [])) < len(points):
+        step.status, step.reason = "partial", "verifying reached its share of the budget"
 
 
 def _has_module(name: str) -> bool:
@@ -546,7 +653,8 @@ STEP_FUNCTIONS: dict[str, Callable[[Check, Step], None]] = {
     "environment": step_environment, "tests": step_tests, "bench": step_bench,
     "quickstart": step_quickstart, "ab": step_ab, "devices": step_devices, "scan": step_scan,
 }
-DEPENDS = {"bench": "environment", "quickstart": "environment", "ab": "environment"}
+DEPENDS = {"bench": "environment", "quickstart": "environment", "ab": "environment",
+           "devices": "environment"}
 
 
 # --- orchestration and summaries -----------------------------------------------------------

@@ -67,10 +67,33 @@ def test_tiny_dry_run_runs_every_step(dry_run):
         twin = pd.read_parquet(out / "ab" / f"{kind}.parquet")
         assert set(twin.num_speculations) == {0, 2, 4, 6}
         assert set(twin.exit_layer) == {0, 1, 2, 3, 4}  # every exit layer of the tiny twin
-    for figure in [*quick["figures"], *ab["figures"]]:
+    for figure in [*quick["figures"], *ab["figures"], *steps["scan"]["details"]["figures"]]:
         assert (out / figure).stat().st_size > 0
-    assert steps["devices"]["status"] == steps["scan"]["status"] == "skipped"
-    assert steps["devices"]["reason"] and steps["scan"]["reason"]
+    # step 6: the all-cpu device map through the same path as the GPU's split, lossless
+    devices = steps["devices"]
+    assert devices["status"] == "ok", devices["reason"]
+    assert not devices["details"]["split"] and "all-cpu" in devices["details"]["label"]
+    assert set(devices["details"]["device_map"].values()) == {"cpu"}
+    map_file = out / devices["details"]["device_map_file"]
+    assert json.loads(map_file.read_text()) == devices["details"]["device_map"]
+    mapped = pd.read_parquet(out / "devices" / "devices.parquet")
+    assert (mapped.device_map == str(map_file)).all() and mapped.matches_baseline.all()
+    assert set(mapped.strategy) == {"ar", "layerskip"} and set(mapped.exit_layer) == {0, 1, 2}
+    assert all(r["tokens_per_s"] > 0 and r["lossless"] for r in devices["details"]["runs"])
+    # step 7: the LayerSkip twin scanned at every exit layer, k = 1..3, its 3 best verified
+    scan = steps["scan"]
+    assert scan["status"] == "ok", scan["reason"]
+    assert scan["details"]["exit_layers"] == [1, 2, 3, 4] and scan["details"]["ks"] == [1, 2, 3]
+    assert scan["details"]["model"] == ab["models"]["layerskip"]
+    scanned = pd.read_parquet(out / scan["details"]["scan_file"])
+    assert set(scanned.exit_layer[scanned.strategy == "layerskip"]) == {1, 2, 3, 4}
+    verified = scan["details"]["verified"]
+    assert len(verified) == 3
+    for point in verified:  # greedy acceptance is predicted exactly
+        assert point["identical rounds"] == "2/2", point
+        assert point["predicted acceptance"] == pytest.approx(point["measured acceptance"],
+                                                              nan_ok=True)
+        assert point["measured speedup"] > 0 and point["predicted speedup"] > 0
 
 
 @pytest.mark.gpucheck
@@ -80,9 +103,11 @@ def test_summary_md_has_a_line_per_step_and_every_section(dry_run):
     for name in STEP_NAMES:
         assert f"| {name} |" in text
     for section in ("## environment", "## tests", "## bench", "## quickstart", "## ab",
+                    "## devices", "## scan", "all-cpu map", "Predicted against measured",
                     "LayerSkip A/B", "Final-layer held-out loss", "Baseline roofline"):
         assert section in text
     assert "![speedup_vs_exit_layer](ab/plots/speedup_vs_exit_layer.png)" in text
+    assert "![scan_speedup_heatmap](scan/plots/scan_speedup_heatmap.png)" in text
 
 
 def test_a_spent_budget_skips_steps_with_reasons_and_still_writes_summaries(tmp_path):
@@ -93,10 +118,8 @@ def test_a_spent_budget_skips_steps_with_reasons_and_still_writes_summaries(tmp_
     assert by_name["environment"].startswith("out of time")
     assert by_name["tests"].startswith("out of time")
     assert by_name["quickstart"] == "needs the environment step, which did not succeed"
-    # the reasons name the missing feature until it lands, then say the step is not wired
-    assert ("issue 11" in by_name["devices"]) != ("not wired" in by_name["devices"])
-    assert ("issue 10" in by_name["scan"]) != ("not wired" in by_name["scan"])
-    assert ("issue 10" in by_name["scan"]) == (not gpucheck._has_module("scan"))
+    assert by_name["devices"] == "needs the environment step, which did not succeed"
+    assert by_name["scan"].startswith("out of time")
     assert steps_of(tmp_path)["ab"]["status"] == "skipped"
     assert (tmp_path / "summary.md").is_file()
     assert not (tmp_path / "tiny-model").exists()  # nothing heavy ran
