@@ -373,6 +373,8 @@ def scan(
     thresholds: Annotated[str | None, typer.Option(help="Confidence thresholds of the "
                           "layerskip-conf drafter, e.g. 0.3,0.5 (default 0.3,0.5,0.7,0.9).")]
     = None,
+    pld: Annotated[bool, typer.Option("--pld/--no-pld", help="Also replay prompt lookup "
+                   "(strategy pld) at every k.")] = True,
     verify: Annotated[int, typer.Option(help="Then time the N best predicted points plus two "
                       "random ones with the sweep machinery (into results/<name>.parquet) "
                       "and print predicted against measured.")] = 0,
@@ -397,7 +399,7 @@ def scan(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _scan(s, draft or [], thresholds, verify, out)
+        _scan(s, draft or [], thresholds, verify, out, pld=pld)
 
     _guarded(body, out)
 
@@ -439,7 +441,7 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...]:
 
 
 def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
-          out_path: Path | None):
+          out_path: Path | None, *, pld: bool = True):
     """Run a scan with a progress bar, write its files, print its tables; returns the spec,
     the scan rows and the path."""
     from lsbench import scan_report
@@ -461,7 +463,7 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
         locate_model(ref)
     num_layers = model_num_layers(model, settings.get("", "revision"))
     spec = scan_spec(settings, num_layers, drafts=drafts,
-                     thresholds=_parse_thresholds(thresholds))
+                     thresholds=_parse_thresholds(thresholds), pld=pld)
     path = out_path or Path("results") / f"{spec.job.name}.scan.parquet"
     from lsbench.scan import trace_path
 

@@ -144,7 +144,19 @@ class CostTable:
         t += self.layers(self.num_layers, n + 1) + self.head[0] + self.step
         return t + (self.head[n - 1] if a >= 1 else 0.0)
 
+    def pld_round(self, r: Round) -> float:
+        """One round of `strategies.PromptLookupSpeculator`: the drafts are a lookup (no model
+        work; its time is in the round overhead), then every layer over the pending token and
+        the drafts, and the lazy head: row 0, the other rows only if the first draft is
+        accepted, unless that draft was the only one and ended the output (no bonus row)."""
+        n, a = r.drafted, r.accepted
+        t = self.round + self.layers(self.num_layers, n + 1) + self.head[0] + self.step
+        bonus_skipped = n == 1 and a == 1 and r.emitted == 1
+        return t + (self.head[n - 1] if a >= 1 and not bonus_skipped else 0.0)
+
     def decode_seconds(self, rep: Replay, strategy: str, exit_layer: int = 0) -> float:
+        if strategy == "pld":
+            return sum(self.pld_round(r) for r in rep.rounds)
         if strategy == "spec":
             return sum(self.spec_round(r) for r in rep.rounds)
         return sum(self.layerskip_round(r, exit_layer) for r in rep.rounds)

@@ -12,6 +12,9 @@ lsbench's round rules over these sequences gives every round's accepted count ex
   emitted tokens are cut after the first stop token;
 - rounds end when max_new_tokens is reached or the last emitted token is a stop token.
 
+Prompt lookup (`replay_pld`) needs no trace: its drafts are a function of the committed text
+prompt + out[:emitted], so every round, drafted count included, is replayed exactly.
+
 Drafts after a rejected one are computed on a wrong prefix that the trace does not hold. The
 replay assumes they run to the round's budget (neither a stop token nor, for the confidence
 policy, a low-confidence token cuts them) and counts them in `offpath`, so a reader can see
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
 
 
 def defer_last_draft(full_rounds: int, rounds: int, exit_layer: int, num_layers: int) -> bool:
@@ -133,5 +138,36 @@ def replay(out: Sequence[int], drafts: Sequence[int], k: int, max_new_tokens: in
                             first_fed=2 if prev_full else 1))
         full_rounds += full
         prev_full = full
+        emitted += new
+    return Replay(tuple(rounds), k, emitted - 1, tuple(compared))
+
+
+def replay_pld(prompt: Sequence[int], out: Sequence[int], k: int, max_new_tokens: int,
+               stop_token_ids: Sequence[int] = (), *, max_ngram: int = MAX_NGRAM) -> Replay:
+    """Replay greedy prompt-lookup decoding (`pld`) of `out`: each round the matcher drafts
+    from the committed tokens (prompt + out so far) exactly as the engine does, and greedy
+    acceptance keeps the drafts equal to `out`. A round without a match drafts nothing."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    stops = set(stop_token_ids)
+    n = len(out)
+    committed = [*prompt, *out]
+    rounds: list[Round] = []
+    compared: list[int] = []
+    emitted = 1
+    while emitted < max_new_tokens and out[emitted - 1] not in stops:
+        budget = min(k, max_new_tokens - emitted - 1)
+        drafts = lookup_drafts(committed[: len(prompt) + emitted], budget, max_ngram=max_ngram,
+                               stop_token_ids=stops)
+        accepted = 0
+        for i, token in enumerate(drafts):
+            j = emitted - 1 + i
+            compared.append(j)  # the full model judged the draft after out[j]
+            if j + 1 < n and token == out[j + 1]:
+                accepted += 1
+            else:
+                break
+        new = min(accepted + 1, n - emitted)  # the stop-token cut, as in `replay`
+        rounds.append(Round(len(drafts), accepted, new, False, 0, False))
         emitted += new
     return Replay(tuple(rounds), k, emitted - 1, tuple(compared))

@@ -32,7 +32,7 @@ from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation
 from lsbench.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
 from lsbench.models import EarlyExitModel, check_exit_layers
-from lsbench.replay import Replay, replay
+from lsbench.replay import Replay, replay, replay_pld
 from lsbench.runner import ProgressEvent, _load, environment, stop_token_ids, validate
 from lsbench.scan_schema import (
     SCAN_COLUMNS,
@@ -68,15 +68,17 @@ class ScanSpec:
     ks: tuple[int, ...]
     drafts: tuple[str, ...] = ()
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    pld: bool = True  # prompt-lookup rows (exact from x alone: no trace, no draft model)
 
     @property
     def points(self) -> int:
-        per_k = len(self.exit_layers) * (1 + len(self.thresholds)) + len(self.drafts)
+        per_k = (len(self.exit_layers) * (1 + len(self.thresholds)) + len(self.drafts)
+                 + self.pld)
         return per_k * len(self.ks)
 
 
 def scan_spec(s: Settings, num_layers: int, *, drafts: Sequence[str] = (),
-              thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> ScanSpec:
+              thresholds: Sequence[float] = DEFAULT_THRESHOLDS, pld: bool = True) -> ScanSpec:
     """Scan settings: exit layers (default 1..L-1), k (default 1..8), greedy only."""
     default_layers = f"1:{num_layers - 1}" if num_layers > 1 else "1"
     layers = parse_int_list(s.get("sweep", "exit_layers", default_layers), num_layers=num_layers)
@@ -93,7 +95,7 @@ def scan_spec(s: Settings, num_layers: int, *, drafts: Sequence[str] = (),
     if not s.get("", "name") and not s.source:
         job = dataclasses.replace(job, name="scan")
     return ScanSpec(job, tuple(layers), tuple(ks), tuple(dict.fromkeys(drafts)),
-                    tuple(sorted(set(thresholds))))
+                    tuple(sorted(set(thresholds))), pld)
 
 
 # --- the teacher-forced pass ------------------------------------------------------------------
@@ -148,7 +150,7 @@ def draft_trace(draft: EarlyExitModel, prompt_ids: list[int], out: list[int]) ->
 
 @dataclass(frozen=True)
 class Point:
-    strategy: str  # layerskip | layerskip-conf | spec
+    strategy: str  # layerskip | layerskip-conf | spec | pld
     k: int
     exit_layer: int = 0
     draft_model: str = ""
@@ -156,8 +158,11 @@ class Point:
 
 
 def replay_point(point: Point, out: list[int], traces: list[TokenTrace],
-                 draft_traces: dict[str, TokenTrace], cfg: DecodingConfig) -> Replay:
+                 draft_traces: dict[str, TokenTrace], cfg: DecodingConfig,
+                 prompt_ids: Sequence[int] = ()) -> Replay:
     L = len(traces)
+    if point.strategy == "pld":
+        return replay_pld(prompt_ids, out, point.k, cfg.max_new_tokens, cfg.stop_token_ids)
     if point.strategy == "spec":
         t = draft_traces[point.draft_model]
         return replay(out, t.argmax.tolist(), point.k, cfg.max_new_tokens, cfg.stop_token_ids)
@@ -179,19 +184,20 @@ def min_margin(rep: Replay, drafter: TokenTrace, full: TokenTrace) -> float:
 def predict_rows(points: Sequence[Point], out: list[int], traces: list[TokenTrace],
                  draft_traces: dict[str, TokenTrace], cfg: DecodingConfig, costs: CostTable,
                  baseline_ms: float, draft_costs: dict[str, CostTable] | None = None,
-                 ) -> list[dict]:
+                 prompt_ids: Sequence[int] = ()) -> list[dict]:
     """Replay and price every point on one example: the prediction columns of its rows
-    (spec points with `draft_costs[draft]`, the target's units plus that draft's)."""
+    (spec points with `draft_costs[draft]`, the target's units plus that draft's; pld points
+    replay the matcher over `prompt_ids` + out, judged by the full model's trace)."""
     decode_tokens = len(out) - 1
     full = traces[-1]
     mismatches = int(np.sum(full.argmax[:-1] != np.asarray(out[1:]))) if decode_tokens else 0
     ar_ms = 1000 * costs.ar_step()
     rows = []
     for p in points:
-        rep = replay_point(p, out, traces, draft_traces, cfg)
+        rep = replay_point(p, out, traces, draft_traces, cfg, prompt_ids)
         table = (draft_costs or {}).get(p.draft_model, costs) if p.draft_model else costs
-        drafter = draft_traces[p.draft_model] if p.strategy == "spec" else \
-            traces[p.exit_layer - 1]
+        drafter = (draft_traces[p.draft_model] if p.strategy == "spec" else
+                   full if p.strategy == "pld" else traces[p.exit_layer - 1])
         ms = (1000 * table.decode_seconds(rep, p.strategy, p.exit_layer) / decode_tokens
               if decode_tokens else math.nan)
         rows.append({
@@ -222,6 +228,7 @@ def scan_points(spec: ScanSpec) -> list[Point]:
         points += [Point("layerskip-conf", k, e, threshold=t) for e in spec.exit_layers
                    for t in spec.thresholds]
         points += [Point("spec", k, draft_model=d) for d in spec.drafts]
+        points += [Point("pld", k)] if spec.pld else []
     return points
 
 
@@ -307,7 +314,7 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
         stamp = {**env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds")}
         for row in predict_rows(points, out, traces, d_traces, cfg, costs, _ms_per_token(ar),
-                                draft_costs):
+                                draft_costs, prompt.ids):
             rows.append({**identity, **row, **stamp})
         common = {**identity, "stop_token_ids": list(cfg.stop_token_ids), "output_ids": out}
         for e, t in enumerate(traces, start=1):

@@ -102,6 +102,8 @@ def point_label(row) -> str:
     s = row["strategy"]
     if s == "spec":
         return f"spec draft={row['draft_model']} k={int(row['num_speculations'])}"
+    if s == "pld":
+        return f"pld k={int(row['num_speculations'])}"
     label = f"{s} E={int(row['exit_layer'])} k={int(row['num_speculations'])}"
     t = row["confidence_threshold"]
     return label + (f" tau={t:g}" if s == "layerskip-conf" and t == t else "")
@@ -129,7 +131,8 @@ def policies(df: pd.DataFrame) -> pd.DataFrame:
                                            dropna=False):
             top = g.iloc[0]
             what = {"layerskip": "best static (E, k)", "spec": "best static draft k",
-                    "layerskip-conf": "best static (E, k), confidence-stopped"}[strategy[0]]
+                    "layerskip-conf": "best static (E, k), confidence-stopped",
+                    "pld": "best static prompt-lookup k"}[strategy[0]]
             entries.append((what, point_label(top), top["predicted_speedup"],
                             top["predicted_acceptance_rate"]))
         entries.append(("per-example oracle (E, k)",
@@ -146,7 +149,7 @@ def policies(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def top_points(df: pd.DataFrame, n: int, *, random_extra: int = 0, seed: int = 0,
-               strategies: tuple[str, ...] = ("layerskip", "spec")) -> pd.DataFrame:
+               strategies: tuple[str, ...] = ("layerskip", "spec", "pld")) -> pd.DataFrame:
     """The n best predicted points the engine can run, plus `random_extra` others at random."""
     surf = surface(df)
     surf = surf[surf["strategy"].isin(strategies)]

@@ -39,8 +39,9 @@ _IDENTITY = [
 
 SCAN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     *_IDENTITY,
-    ("strategy", pa.string(), "layerskip | spec | layerskip-conf (confidence-stopped drafts)"),
-    ("exit_layer", pa.int64(), "early-exit layer E (0 for spec)"),
+    ("strategy", pa.string(), "layerskip | spec | layerskip-conf (confidence-stopped drafts) | "
+     "pld (prompt lookup)"),
+    ("exit_layer", pa.int64(), "early-exit layer E (0 for spec and pld)"),
     ("draft_model", pa.string(), "draft model for spec, empty otherwise"),
     ("num_speculations", pa.int64(), "most draft tokens per round k"),
     ("confidence_threshold", pa.float64(), "layerskip-conf: drafting stops at the first draft "

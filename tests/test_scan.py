@@ -11,6 +11,7 @@ import torch
 from lsbench.costs import CostTable
 from lsbench.generation import DecodingConfig
 from lsbench.models import EarlyExitModel
+from lsbench.prompt_lookup import lookup_drafts
 from lsbench.replay import replay
 from lsbench.scan import draft_trace, exit_traces
 from lsbench.strategies import generate, generate_speculative
@@ -221,3 +222,86 @@ def test_confidence_threshold_changes_the_rounds(target):
     assert strict.drafted == 0 < plain.drafted  # nothing is ever that sure: no drafts at all
     assert len(strict.rounds) == len(out) - 1
     assert all(r.conf_stopped for r in strict.rounds[:-1])  # the last has no budget
+
+
+PLD_PROMPTS = [[1, 5, 9, 17, 5, 9, 33, 4, 60, 12, 4, 60], [1, 70, 71, 72, 3, 70, 71, 8],
+               [65, 18, 37, 18, 13, 80, 33, 69, 78, 19, 40, 13]]
+
+
+def _pld_cases(model):
+    """(prompt, cfg) with budget cuts and stop tokens inside and at the end of the output."""
+    cases = []
+    prompts = list(PLD_PROMPTS)
+    for prompt in PLD_PROMPTS:  # the prompt, its output's start and the prompt again
+        out = generate("ar", model, prompt, DecodingConfig(max_new_tokens=24)).tokens
+        prompts.append([*prompt, *out[:6], 7, *prompt])
+    for prompt in prompts:
+        for max_new in (24, 9, 2, 1):
+            cases.append((prompt, DecodingConfig(max_new_tokens=max_new)))
+        out = generate("ar", model, prompt, DecodingConfig(max_new_tokens=24)).tokens
+        for pos in (4, 10, 17):
+            cases.append((prompt, DecodingConfig(max_new_tokens=24,
+                                                 stop_token_ids=(out[pos],))))
+        # a stop token that the matcher proposes alone and that ends the output
+        for pos in range(1, len(out)):
+            if (out[pos] not in out[:pos]
+                    and lookup_drafts([*prompt, *out[:pos]], 1) == [out[pos]]):
+                cases.append((prompt, DecodingConfig(max_new_tokens=24,
+                                                     stop_token_ids=(out[pos],))))
+    return cases
+
+
+def test_pld_replay_equals_pld_runs(deep):
+    """Prompt lookup needs no trace: drafted and accepted counts, rounds, the histogram and
+    the rounds without a draft are exact, and the priced round is the engine's work."""
+    from lsbench.replay import replay_pld
+
+    L = deep.num_layers
+    accepted_any = no_draft_rounds = stop_drafted = 0
+    for prompt, cfg in _pld_cases(deep):
+        out = generate("ar", deep, prompt, cfg).tokens
+        for k in range(1, 7):
+            gen = generate_speculative(deep, prompt, cfg, k, prompt_lookup=True)
+            assert gen.tokens == out
+            rep = replay_pld(prompt, out, k, cfg.max_new_tokens, cfg.stop_token_ids)
+            _check_same_rounds(gen, rep, k)
+            assert gen.drafted == [r.drafted for r in rep.rounds]
+            assert sum(1 for d in gen.drafted if d == 0) == sum(
+                1 for r in rep.rounds if r.drafted == 0)
+            accepted_any += sum(gen.accepted)
+            no_draft_rounds += sum(1 for d in gen.drafted if d == 0)
+            stop_drafted += any(r.drafted == r.accepted == 1 and r.emitted == 1
+                                for r in rep.rounds)
+            tokens = _counting(L, k, layer=[float(n) for n in range(1, k + 2)])
+            calls = _counting(L, k, layer=[1.0] * (k + 1))
+            heads = _counting(L, k, head=[float(n) for n in range(1, k + 2)])
+            assert tokens.decode_seconds(rep, "pld") == sum(gen.decode_counts.layer_tokens)
+            assert calls.decode_seconds(rep, "pld") == sum(gen.decode_counts.layer_calls)
+            assert heads.decode_seconds(rep, "pld") == gen.decode_counts.head_tokens
+    # the cases exercise matches, misses and a single accepted stop-token draft
+    assert accepted_any > 0 and no_draft_rounds > 0 and stop_drafted > 0
+
+
+def test_scan_rows_include_pld_unless_turned_off(deep):
+    from lsbench.scan import Point, predict_rows, scan_points
+
+    prompt, cfg = PLD_PROMPTS[0], DecodingConfig(max_new_tokens=16)
+    out, traces = _trace(deep, prompt, cfg)
+    costs = CostTable(deep.num_layers, (1e-3,) * 5, 1e-4, (1e-3,) * 5)
+    rows = predict_rows([Point("pld", 3), Point("layerskip", 3, 2)], out, traces, {}, cfg,
+                        costs, 5.0, prompt_ids=prompt)
+    gen = generate_speculative(deep, prompt, cfg, 3, prompt_lookup=True)
+    assert rows[0]["strategy"] == "pld" and rows[0]["exit_layer"] == 0
+    assert rows[0]["predicted_accepted_per_round"] == gen.accepted
+    assert rows[0]["predicted_drafted_per_round"] == gen.drafted
+    assert rows[0]["predicted_speedup"] > 0
+
+    class _Spec:  # the fields scan_points reads
+        ks, exit_layers, thresholds, drafts = (1, 2), (1,), (), ()
+
+    for pld, want in ((True, 4), (False, 2)):
+        spec = _Spec()
+        spec.pld = pld
+        points = scan_points(spec)
+        assert len(points) == want
+        assert sum(p.strategy == "pld" for p in points) == (2 if pld else 0)

@@ -41,7 +41,11 @@ def test_scan_writes_rows_and_traces(scanned) -> None:
     assert sorted(set(layerskip.exit_layer)) == [1, 2, 3]
     assert sorted(set(layerskip.num_speculations)) == [1, 2, 3]
     assert len(layerskip) == 2 * 3 * 3
-    assert set(rows.strategy) == {"layerskip", "layerskip-conf"}
+    assert set(rows.strategy) == {"layerskip", "layerskip-conf", "pld"}
+    pld = rows[rows.strategy == "pld"]  # on by default: one row per k and example
+    assert len(pld) == 2 * 3 and (pld.exit_layer == 0).all()
+    assert sorted(set(pld.num_speculations)) == [1, 2, 3]
+    assert (pld.predicted_speedup > 0).all()
     assert (rows.predicted_speedup > 0).all() and (rows.baseline_ms_per_token > 0).all()
     traces = pd.read_parquet(trace_path(out))
     assert list(traces.columns) == [c for c, _, _ in TRACE_COLUMNS]
@@ -163,12 +167,13 @@ def test_scan_with_a_draft_model(tiny_model_dir: Path, data_file: Path, tmp_path
     out = tmp_path / "d.scan.parquet"
     result = invoke("scan", "--model", tiny_model_dir, "--draft", draft, "--dataset",
                     f"jsonl:{data_file}", "--limit", 1, "--max-new-tokens", 8, "-e", 2,
-                    "-k", "1:2", "--thresholds", "0.5", "--warmup", 0, "--out", out)
+                    "-k", "1:2", "--thresholds", "0.5", "--warmup", 0, "--no-pld", "--out", out)
     assert result.exit_code == 0, result.output
     rows = pd.read_parquet(out)
     spec = rows[rows.strategy == "spec"]
     assert list(spec.num_speculations) == [1, 2] and set(spec.draft_model) == {str(draft)}
     assert (spec.exit_layer == 0).all() and spec.predicted_speedup.notna().all()
     assert len(rows) == 2 * (1 + 1 + 1)  # layerskip, one threshold, one draft; k = 1, 2
+    assert "pld" not in set(rows.strategy)  # --no-pld
     traces = pd.read_parquet(trace_path(out))
     assert list(traces.source) == ["exit"] * 4 + ["draft"]
