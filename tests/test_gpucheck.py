@@ -145,3 +145,26 @@ def test_junit_counts(tmp_path):
     assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1,
                       "failed_tests": ["b", "d"]}
     assert gpucheck.junit_counts(tmp_path / "missing.xml")["passed"] == 0
+
+
+def test_device_map_splits_layers_between_cuda_and_cpu():
+    split = gpucheck.device_map_for(4, "cuda")
+    assert [split[f"model.layers.{i}"] for i in range(4)] == ["cuda:0", "cuda:0", "cpu", "cpu"]
+    assert split["model.embed_tokens"] == split["model.rotary_emb"] == "cuda:0"
+    assert split["model.norm"] == split["lm_head"] == "cpu"
+    assert set(gpucheck.device_map_for(4, "cpu").values()) == {"cpu"}
+    assert gpucheck.device_map_for(1, "cuda")["model.layers.0"] == "cuda:0"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_devices_step_on_cuda_splits_the_tiny_model(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("LSBENCH_CACHE", str(tmp_path / "cache"))
+    c = gpucheck.Check(out=tmp_path, device="cuda", tiny=True, say=lambda _m: None)
+    c.deadline = time.perf_counter() + 300
+    step = gpucheck.Step("devices", status="ok")
+    gpucheck.step_devices(c, step)
+    assert step.status == "ok", step.reason
+    assert step.details["split"] and step.details["lossless"]
+    assert all(r["tokens_per_s"] > 0 for r in step.details["runs"])
