@@ -183,3 +183,24 @@ def test_replay_and_cost_model_follow_the_policy(target, policy, device_loop):
         tokens = CostTable(L, tuple(float(n) for n in range(1, k + 2)), 0.0, (0.0,) * (k + 1))
         assert heads.decode_seconds(rep, "layerskip", e) == gen.decode_counts.head_tokens
         assert tokens.decode_seconds(rep, "layerskip", e) == sum(gen.decode_counts.layer_tokens)
+
+
+def test_runner_calibrates_during_warm_up_off_the_cpu_only(tiny_model_dir, tmp_path,
+                                                           monkeypatch):
+    import lsbench.runner
+    from lsbench.jobs import sweep_job
+    from tests.test_runner import job_settings, write_jsonl
+
+    data = write_jsonl(tmp_path / "articles.jsonl")
+    job = sweep_job(job_settings(tiny_model_dir, data, data__limit=1, sweep__exit_layers="1,2",
+                                 sweep__num_speculations="3,2", sweep__warmup=1), 4)
+    prepared = lsbench.runner.prepare_job(job)
+    seen, generated = [], []
+    monkeypatch.setattr(lsbench.runner, "calibrate", lambda model, k, prompt: seen.append(k))
+    monkeypatch.setattr(lsbench.runner, "_generate", lambda *args: generated.append(seen[:]))
+    lsbench.runner.warm_up(prepared, job.runs)
+    assert seen == [] and generated  # CPU: the default policy
+    monkeypatch.setattr(prepared.loaded.adapter, "device", torch.device("meta"))
+    generated.clear()
+    lsbench.runner.warm_up(prepared, job.runs)
+    assert seen == [2, 3] and all(g == [2, 3] for g in generated)  # before any generation
