@@ -18,6 +18,8 @@ tokens and LM-head seconds at 1 and k+1 rows, measured in the same run, put into
 work of both implementations, with and without the deferred last draft. The shared cache saves
 compute, not weight reads, so where a (k+1)-token layer call costs little more than a 1-token
 call its own ceiling is close to 1; the deferred last draft saves E one-token calls a round.
+`engine policy` says which verify head and deferral break-even the measured costs choose;
+the engine runs them off the CPU and keeps its default (lazy head, E/L) on the CPU.
 Bad input (unknown model, exit layer out of range) ends in one line on stderr and exit 1.
 """
 
@@ -27,7 +29,11 @@ import argparse
 import sys
 import time
 
-from lsbench.costs import UnitCosts, measure_unit_costs  # noqa: F401  (re-exported)
+from lsbench.costs import (  # noqa: F401  (UnitCosts re-exported)
+    UnitCosts,
+    measure_unit_costs,
+    policy_from_unit_costs,
+)
 from lsbench.data import DatasetSpec, build_prompt, load_examples
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig
@@ -80,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{unit.layer_k * ms:.3f} at {args.k}, {unit.layer_k1 * ms:.3f} at {args.k + 1} "
           f"({unit.layer_k1 / unit.layer_1:.2f}x); LM head {unit.head_1 * ms:.2f} ms at 1 row, "
           f"{unit.head_k1 * ms:.2f} ms at {args.k + 1} rows")
+    # Off the CPU the engine runs the measured policy (as the runner's warm-up calibrates);
+    # on the CPU it keeps its default (lazy head, E/L deferral), so its work is unchanged.
+    policy = policy_from_unit_costs(args.k, unit)
+    adopted = model.device.type != "cpu"
+    if adopted:
+        model.engine_policies[args.k] = policy
+    print(f"engine policy: {'measured' if adopted else 'default (lazy head, E/L deferral)'}; "
+          f"the measured costs choose {policy.describe()}")
     lossless = True
     for a, b in pairs:
         best: dict[tuple, float] = {}  # (strategy, exit, prompt) -> fastest decode seconds
@@ -128,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{model_ours:.1f} vs {model_theirs:.1f} ms, a ceiling of "
                   f"{model_theirs / model_ours:.2f}x without generate()'s own overhead "
                   f"({model_theirs / model_eager:.2f}x with the last draft verified eagerly)")
+            print(f"{'':>16}deferral break-even: measured "
+                  f"{policy.defer_threshold(e, L):.3f}, E/L {e / L:.3f}"
+                  f" ({'measured' if adopted else 'E/L'} in use)")
         sys.stdout.flush()
     print("greedy outputs identical to ar for every strategy:", "yes" if lossless else "NO")
     return 0 if lossless else 1

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lsbench.generation import sync
 from lsbench.models import EarlyExitModel, crop_cache
+from lsbench.policy import EnginePolicy
 from lsbench.replay import Replay, Round
 
 
@@ -84,13 +86,37 @@ def measure_unit_costs(model: EarlyExitModel, prompt: list[int], k: int,
     return UnitCosts(layers(1), layers(k), layers(k + 1), head(1), head(k + 1))
 
 
+def policy_from_unit_costs(k: int, unit: UnitCosts) -> EnginePolicy:
+    return EnginePolicy(k, unit.layer_1, unit.layer_k, unit.layer_k1, unit.head_1, unit.head_k1)
+
+
+def calibrate(model: EarlyExitModel, k: int, prompt: list[int],
+              measure: Callable[[EarlyExitModel, list[int], int], UnitCosts] | None = None,
+              ) -> EnginePolicy:
+    """Measure the engine's unit costs once per model (and so device) and k, and keep the
+    resulting policy on the model, where `generate_speculative` finds it. Call it during
+    warm-up, never inside a timed generation. `prompt`: any tokens of the model's vocabulary
+    (repeated up to k+1); `measure` is replaceable for tests."""
+    if k in model.engine_policies:
+        return model.engine_policies[k]
+    ids = (list(prompt) * (k + 1))[: max(len(prompt), k + 1)]
+    counts = model.counts.copy()
+    unit = (measure or (lambda m, p, n: measure_unit_costs(m, p, n, repeats=5)))(model, ids, k)
+    model.counts = counts  # measuring is not decoding work
+    policy = policy_from_unit_costs(k, unit)
+    model.engine_policies[k] = policy
+    return policy
+
+
 @dataclass(frozen=True)
 class CostTable:
     """Seconds of the engine's units. layer[n-1]: one decoder layer over n tokens inside a
     multi-layer call; call: the fixed part of one `run_layers` call (masks, rotary);
     head[n-1]: final norm + LM head over n rows; step: loop work per token fed (embedding,
     argmax, small tensors); round: loop work per verification round (accept, cache crop).
-    draft_forward[n-1]: a draft model's whole forward over n tokens (n = 1, 2); draft_head."""
+    draft_forward[n-1]: a draft model's whole forward over n tokens (n = 1, 2); draft_head.
+    eager_head: the engine's verify head computes every row at once (`policy.EnginePolicy`,
+    `Generation.eager_head`) instead of row 0 first and the rest after an accepted draft."""
 
     num_layers: int
     layer: tuple[float, ...]
@@ -100,6 +126,15 @@ class CostTable:
     round: float = 0.0
     draft_forward: tuple[float, ...] = ()
     draft_head: float = 0.0
+    eager_head: bool = False
+
+    def verify_head(self, rows: int, accepted: int) -> float:
+        """The verify head over `rows` rows (row 0 first when lazy)."""
+        if rows <= 0:
+            return 0.0
+        if self.eager_head:
+            return self.head[rows - 1]
+        return self.head[0] + (self.head[rows - 2] if accepted >= 1 and rows >= 2 else 0.0)
 
     @property
     def max_tokens(self) -> int:
@@ -123,14 +158,11 @@ class CostTable:
         if n == 0 and not r.conf_stopped:  # nothing drafted: an autoregressive step
             return t + last_pass
         if r.conf_stopped:  # every fed token's exit state is cached: deep layers over n + 1
-            return t + self.layers(L - e, n + 1) + self.head[0] + (
-                self.head[n - 1] if a >= 1 else 0.0)
-        if not r.deferred:  # last draft's shallow pass, deep layers over n + 1, lazy head
-            return (t + self.layers(e, 1) + self.step + self.layers(L - e, n + 1) + self.head[0]
-                    + (self.head[n - 1] if a >= 1 else 0.0))
-        t += self.layers(L - e, n) + self.head[0]  # deferred: deep layers over the n cached
-        if a >= 1 and n >= 2:
-            t += self.head[n - 2]
+            return t + self.layers(L - e, n + 1) + self.verify_head(n + 1, a)
+        if not r.deferred:  # last draft's shallow pass, deep layers over n + 1
+            return (t + self.layers(e, 1) + self.step + self.layers(L - e, n + 1)
+                    + self.verify_head(n + 1, a))
+        t += self.layers(L - e, n) + self.verify_head(n, a)  # deferred: over the n cached
         return t + (last_pass if a == n else 0.0)
 
     def spec_round(self, r: Round) -> float:
@@ -141,18 +173,19 @@ class CostTable:
             fed = r.first_fed if i == 0 else 1
             t += self.draft_forward[min(fed, len(self.draft_forward)) - 1] + self.draft_head
             t += self.step
-        t += self.layers(self.num_layers, n + 1) + self.head[0] + self.step
-        return t + (self.head[n - 1] if a >= 1 else 0.0)
+        return t + self.layers(self.num_layers, n + 1) + self.verify_head(n + 1, a) + self.step
 
     def pld_round(self, r: Round) -> float:
         """One round of `strategies.PromptLookupSpeculator`: the drafts are a lookup (no model
         work; its time is in the round overhead), then every layer over the pending token and
-        the drafts, and the lazy head: row 0, the other rows only if the first draft is
-        accepted, unless that draft was the only one and ended the output (no bonus row)."""
+        the drafts, and the verify head (lazy: row 0, the other rows only if the first draft is
+        accepted, unless that draft was the only one and ended the output: no bonus row)."""
         n, a = r.drafted, r.accepted
-        t = self.round + self.layers(self.num_layers, n + 1) + self.head[0] + self.step
+        t = self.round + self.layers(self.num_layers, n + 1) + self.step
         bonus_skipped = n == 1 and a == 1 and r.emitted == 1
-        return t + (self.head[n - 1] if a >= 1 and not bonus_skipped else 0.0)
+        if bonus_skipped and not self.eager_head:
+            return t + self.head[0]
+        return t + self.verify_head(n + 1, a)
 
     def decode_seconds(self, rep: Replay, strategy: str, exit_layer: int = 0) -> float:
         if strategy == "pld":

@@ -357,6 +357,8 @@ class EarlyExitModel:
         self.layer_devices = [_module_device(layer) for layer in self.backbone.layers]
         self.rotary_device = _module_device(self.backbone.rotary_emb, self.layer_devices[0])
         self.dtype = model.lm_head.weight.dtype
+        # k -> policy.EnginePolicy measured by costs.calibrate (none: lazy head, E/L deferral)
+        self.engine_policies: dict = {}
         self.layer_types = self._layer_types()
         window = getattr(self.config, "sliding_window", None)
         self.windows = [window if t == "sliding_attention" else None for t in self.layer_types]

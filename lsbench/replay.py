@@ -27,12 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lsbench.policy import defer_last_draft  # the engine's own rule (torch-free)
 from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
-
-
-def defer_last_draft(full_rounds: int, rounds: int, exit_layer: int, num_layers: int) -> bool:
-    """lsbench's deferral policy (mirror of `strategies.defer_last_draft`, kept torch-free)."""
-    return (full_rounds + 1) / (rounds + 2) * num_layers < exit_layer
 
 
 @dataclass(frozen=True)
@@ -87,14 +83,15 @@ class Replay:
 def replay(out: Sequence[int], drafts: Sequence[int], k: int, max_new_tokens: int,
            stop_token_ids: Sequence[int] = (), *, exit_layer: int | None = None,
            num_layers: int | None = None, probs: Sequence[float] | None = None,
-           threshold: float | None = None) -> Replay:
+           threshold: float | None = None, defer_threshold: float | None = None) -> Replay:
     """Replay greedy speculative decoding of `out` (the greedy autoregressive output).
 
     drafts[j]: the drafter's greedy token proposed after out[j] on the true prefix (needed for
     j = 0..len(out) - 2). exit_layer/num_layers: layerskip's deferral policy is replayed
     (without them, a draft model: nothing is deferred). probs/threshold: the confidence-stopped
     drafter, which drops the first draft whose top-1 probability is below the threshold and
-    stops drafting there."""
+    stops drafting there. defer_threshold: the deferral break-even the engine ran with
+    (`Generation.defer_threshold`, set by a calibration); None is the E/L rule."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     stops = set(stop_token_ids)
@@ -131,7 +128,7 @@ def replay(out: Sequence[int], drafts: Sequence[int], k: int, max_new_tokens: in
             deferred = (exit_layer == num_layers
                         or (not conf_stopped
                             and defer_last_draft(full_rounds, len(rounds), exit_layer,
-                                                 num_layers)))
+                                                 num_layers, defer_threshold)))
         full = drafted > 0 and accepted == drafted
         new = min(accepted + 1, n - emitted)  # the stop-token cut: out ends at its stop token
         rounds.append(Round(drafted, accepted, new, deferred, offpath, conf_stopped,

@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from lsbench import __version__
+from lsbench.costs import calibrate
 from lsbench.data import Example, Prompt, build_prompt, check_dataset, load_examples
 from lsbench.errors import LsbenchError
 from lsbench.generation import DecodingConfig, Generation
@@ -192,10 +193,20 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
     return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
 
 
+CALIBRATED = ("layerskip", "spec", "pld")  # lsbench's speculative loops
+
+
 def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
             on_run: Callable[[RunSpec], None] | None = None) -> None:
-    """`job.warmup` short, unmeasured generations of every run before any timing."""
-    cfg = prepared.cfg
+    """`job.warmup` short, unmeasured generations of every run before any timing. Off the
+    CPU it first calibrates the speculative engine at each k (`costs.calibrate`: the verify
+    head's shape and the deferral from measured unit costs); on the CPU the engine keeps its
+    default policy (lazy head, E/L deferral), which is what the CPU's costs favour."""
+    cfg, runs = prepared.cfg, list(runs)
+    adapter = prepared.loaded.adapter
+    if adapter.device.type != "cpu":
+        for k in sorted({r.num_speculations or 4 for r in runs if r.strategy in CALIBRATED}):
+            calibrate(adapter, k, prepared.prompts[0].ids)
     warm_cfg = DecodingConfig(**{**cfg.__dict__,
                                  "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
     for run in dict.fromkeys(runs):

@@ -10,8 +10,9 @@ layer-token evaluations). Derived metrics are computed elsewhere from these.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ from lsbench.models import (
     check_exit_layers,
     crop_cache,
 )
+from lsbench.policy import EnginePolicy, defer_last_draft
 from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
 
 STRATEGIES = ("ar", "spec", "layerskip", "pld", "exit", *HF_STRATEGIES)
@@ -122,18 +124,30 @@ def generate_exit(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingCon
 # --- speculative decoding: one propose/verify loop, three drafters --------------------------
 
 class VerifyLogits:
-    """The full model's logits at each verified position, computed on demand: position 0
-    alone, the rest in one batch only if the first draft is accepted. With low acceptance
-    most rounds pay for one LM-head row instead of k+1 (on a CPU a k+1-row head costs about
-    k+1 times one row). Rows past `final_hidden` (or `known`) come from `last`, which the
-    self-speculator uses to run the last draft only when every draft was accepted."""
+    """The full model's logits at each verified position, computed on demand. Lazy (the
+    default): position 0 alone, the rest in one batch only if the first draft is accepted;
+    with low acceptance most rounds pay for one LM-head row instead of k+1 (on a CPU a
+    k+1-row head costs about k+1 times one row). Eager: every row in one call, where the
+    measured head costs about the same at k+1 rows as at one (`policy.EnginePolicy`). Rows
+    past `final_hidden` (or `known`) come from `last`, which the self-speculator uses to run
+    the last draft only when every draft was accepted."""
 
     def __init__(self, model: EarlyExitModel, final_hidden: torch.Tensor | None,
                  known: list[torch.Tensor] | None = None,
-                 last: Callable[[], torch.Tensor] | None = None):
-        self.model, self.hidden, self.last = model, final_hidden, last
+                 last: Callable[[], torch.Tensor] | None = None, eager: bool = False):
+        self.model, self.hidden, self.last, self.eager = model, final_hidden, last, eager
         self.rows: dict[int, torch.Tensor] = dict(enumerate(known or []))
         self.size = len(self.rows) if final_hidden is None else final_hidden.shape[1]
+
+    def ready(self) -> int:
+        """Computes what needs no decision about the drafts (row 0; every row of the hidden
+        states when eager) and returns how many leading rows are available."""
+        if self.size:
+            self[0]
+        n = 0
+        while n in self.rows:
+            n += 1
+        return n
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if i not in self.rows:
@@ -141,23 +155,15 @@ class VerifyLogits:
                 assert self.last is not None and i == self.size
                 self.rows[i] = self.last()
                 return self.rows[i]
-            lo = 0 if i == 0 else 1
-            hi = 1 if i == 0 else self.size
+            lo = 0 if i == 0 or self.eager else 1
+            hi = 1 if i == 0 and not self.eager else self.size
             for j, row in enumerate(self.model.logits(self.hidden[:, lo:hi])[0], start=lo):
                 self.rows.setdefault(j, row)
         return self.rows[i]
 
 
-def defer_last_draft(full_rounds: int, rounds: int, exit_layer: int, num_layers: int) -> bool:
-    """Whether to leave the last draft out of verification until every draft is accepted.
-
-    The last draft's own pass only yields the bonus token of a fully accepted round. Running
-    it with the others costs E sequential one-token layer calls every round; deferring it
-    costs L of them in a fully accepted round only. Defer while the (Laplace-smoothed) share
-    of fully accepted rounds so far is below E / L."""
-    return (full_rounds + 1) / (rounds + 2) * num_layers < exit_layer
-
-
+# `defer_last_draft` (lsbench.policy) decides, per round, whether the self-speculator leaves
+# its last draft out of verification.
 #
 # Cache invariant between rounds: every layer of the target cache holds exactly the committed
 # tokens except the last one, which is the pending input of the next round.
@@ -172,8 +178,10 @@ class SelfSpeculator:
     once every other draft is accepted (see `defer_last_draft`).
     """
 
-    def __init__(self, model: EarlyExitModel, cache, exit_layer: int):
+    def __init__(self, model: EarlyExitModel, cache, exit_layer: int, *,
+                 eager_head: bool = False, defer_threshold: float | None = None):
         self.model, self.cache, self.exit_layer = model, cache, exit_layer
+        self.eager_head, self.defer_threshold = eager_head, defer_threshold
         self.exit_hidden: list[torch.Tensor] = []
         self.exit_logits: list[torch.Tensor] = []
         self.rounds = self.full_rounds = 0
@@ -197,10 +205,25 @@ class SelfSpeculator:
                 break
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+    def draft_on_device(self, committed: list[int], k: int) -> torch.Tensor:
+        """Greedy drafts as a device tensor, without a host sync: each argmax is fed back
+        as the next input. All k are drafted; `accept_on_device` cuts after a stop token."""
+        m, e = self.model, self.exit_layer
+        self.exit_hidden, self.exit_logits = [], []
+        ids, tokens = self._ids(committed[-1]), []
+        for _ in range(k):
+            hidden = m.run_layers(m.embed(ids), self.cache, 0, e)
+            logits = m.logits(hidden)[0, -1]
+            self.exit_hidden.append(hidden)
+            self.exit_logits.append(logits)
+            ids = logits.argmax().view(1, 1)
+            tokens.append(ids.view(1))
+        return _cat_tokens(tokens, m.device)
+
+    def verify(self, committed: list[int], drafts: Sequence[int] | torch.Tensor) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
         m, e = self.model, self.exit_layer
-        last = self._ids(drafts[-1] if drafts else committed[-1])
+        last = self._ids(drafts[-1] if len(drafts) else committed[-1])
 
         def full_pass(cached: torch.Tensor | None) -> torch.Tensor:
             """The last draft's shallow pass, then the deep layers over the cached exit
@@ -213,29 +236,47 @@ class SelfSpeculator:
         def deferred_logits() -> torch.Tensor:
             return m.logits(full_pass(None))[0, -1]
 
+        eager = self.eager_head
         if e == m.num_layers:  # exiting at the last layer is the full model: reuse its logits
-            return VerifyLogits(m, None, self.exit_logits, last=deferred_logits)
+            return VerifyLogits(m, None, self.exit_logits, last=deferred_logits, eager=eager)
         cached = torch.cat(self.exit_hidden, dim=1) if self.exit_hidden else None
         if cached is None or not defer_last_draft(self.full_rounds, self.rounds, e,
-                                                  m.num_layers):
-            return VerifyLogits(m, full_pass(cached))
+                                                  m.num_layers, self.defer_threshold):
+            return VerifyLogits(m, full_pass(cached), eager=eager)
         deep = m.run_layers(cached, self.cache, e, m.num_layers)
-        return VerifyLogits(m, deep, last=deferred_logits)
+        return VerifyLogits(m, deep, last=deferred_logits, eager=eager)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
         self.rounds += 1
         self.full_rounds += all_accepted
 
-    def _ids(self, token: int) -> torch.Tensor:
+    def _ids(self, token: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(token, torch.Tensor):  # a drafted token still on the device
+            return token.reshape(1, 1)
         return torch.tensor([[token]], device=self.model.device)
+
+
+def _cat_tokens(tokens: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long, device=device)
+
+
+def _verify_ids(model: EarlyExitModel, committed: list[int],
+                drafts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The pending token and the drafts as one 1 x (n+1) input."""
+    if isinstance(drafts, torch.Tensor):
+        pending = torch.tensor([committed[-1]], device=model.device)
+        return torch.cat([pending, drafts.to(model.device)]).view(1, -1)
+    return torch.tensor([[committed[-1], *drafts]], device=model.device)
 
 
 class DraftModelSpeculator:
     """Classic two-model speculative decoding; the draft model keeps its own cache."""
 
-    def __init__(self, model: EarlyExitModel, cache, draft: EarlyExitModel):
+    def __init__(self, model: EarlyExitModel, cache, draft: EarlyExitModel, *,
+                 eager_head: bool = False):
         self.model, self.cache, self.draft_model = model, cache, draft
+        self.eager_head = eager_head
         self.draft_cache = draft.new_cache()
 
     def prefill(self, prompt: torch.Tensor) -> None:
@@ -259,11 +300,23 @@ class DraftModelSpeculator:
             new = [token]
         return tokens, probs
 
-    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+    def draft_on_device(self, committed: list[int], k: int) -> torch.Tensor:
+        """Greedy drafts as a device tensor, each argmax fed back without a host sync."""
+        d = self.draft_model
+        ids = torch.tensor([committed[self.draft_cache.get_seq_length(0):]], device=d.device)
+        tokens = []
+        for _ in range(k):
+            hidden = d.run_layers(d.embed(ids), self.draft_cache, 0, d.num_layers)
+            ids = d.logits(hidden[:, -1:])[0, -1].argmax().view(1, 1)
+            tokens.append(ids.view(1).to(self.model.device))
+        return _cat_tokens(tokens, self.model.device)
+
+    def verify(self, committed: list[int], drafts: Sequence[int] | torch.Tensor) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
         m = self.model
-        ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
-        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))
+        ids = _verify_ids(m, committed, drafts)
+        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers),
+                            eager=self.eager_head)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
@@ -278,8 +331,8 @@ class PromptLookupSpeculator:
     """
 
     def __init__(self, model: EarlyExitModel, cache, stop_token_ids: tuple[int, ...] = (),
-                 max_ngram: int = MAX_NGRAM):
-        self.model, self.cache = model, cache
+                 max_ngram: int = MAX_NGRAM, *, eager_head: bool = False):
+        self.model, self.cache, self.eager_head = model, cache, eager_head
         self.stop_token_ids, self.max_ngram = frozenset(stop_token_ids), max_ngram
 
     def prefill(self, prompt: torch.Tensor) -> None:
@@ -294,11 +347,17 @@ class PromptLookupSpeculator:
         points[torch.arange(len(tokens)), tokens] = 1.0
         return tokens, list(points)
 
-    def verify(self, committed: list[int], drafts: list[int]) -> VerifyLogits:
+    def draft_on_device(self, committed: list[int], k: int) -> list[int]:
+        """The lookup runs on the host: its drafts are host ints already."""
+        return lookup_drafts(committed, k, max_ngram=self.max_ngram,
+                             stop_token_ids=self.stop_token_ids)
+
+    def verify(self, committed: list[int], drafts: Sequence[int] | torch.Tensor) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
         m = self.model
-        ids = torch.tensor([[committed[-1], *drafts]], device=m.device)
-        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers))
+        ids = _verify_ids(m, committed, drafts)
+        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers),
+                            eager=self.eager_head)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
@@ -329,26 +388,89 @@ def accept(drafts: list[int], draft_probs: list, target_logits: VerifyLogits,
     return len(drafts), sampler.draw(sampler.probs(target_logits[len(drafts)]))
 
 
+def _argmax_to_host(drafts: Sequence[int] | torch.Tensor, target: VerifyLogits,
+                    lo: int, hi: int) -> tuple[list[int], list[int]]:
+    """Device drafts (if still there) and the argmax of rows [lo, hi), in one transfer."""
+    best = torch.stack([target[i] for i in range(lo, hi)]).argmax(-1)
+    if isinstance(drafts, torch.Tensor):
+        host = torch.cat([drafts.to(best.device), best]).tolist()
+        return host[:len(drafts)], host[len(drafts):]
+    return list(drafts), best.tolist()
+
+
+def accept_on_device(drafts: Sequence[int] | torch.Tensor, target: VerifyLogits,
+                     stop_token_ids: Sequence[int]) -> tuple[list[int], int, int | None]:
+    """Greedy `accept` with one device-to-host transfer: the drafts and the argmax of every
+    row the verify head computed without a decision about the drafts, compared on the host.
+    A lazy head's rows after row 0 (only once the first draft is accepted) and a deferred
+    last draft's bonus row (only once every draft is accepted) each cost one more transfer,
+    in the rounds that need them. Returns (drafts cut after their first stop token, accepted
+    drafts, next token), the last as in `accept`."""
+    n = len(drafts)
+    drafts, best = _argmax_to_host(drafts, target, 0, target.ready() if n else 1)
+    for i, token in enumerate(drafts):
+        if token in stop_token_ids:  # drafting on the device did not stop there: cut here
+            drafts = drafts[:i + 1]
+            break
+    n = len(drafts)
+
+    def best_at(i: int) -> int:
+        if i >= len(best):
+            best.extend(_argmax_to_host([], target, len(best), max(i + 1, target.size))[1])
+        return best[i]
+
+    for i, token in enumerate(drafts):
+        if best_at(i) != token:
+            return drafts, i, best[i]
+    if n and drafts[-1] in stop_token_ids:
+        return drafts, n, None
+    return drafts, n, best_at(n)
+
+
 @torch.inference_mode()
 def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, k: int,
                          *, exit_layer: int | None = None, draft: EarlyExitModel | None = None,
                          prompt_lookup: bool = False,
-                         on_round: Callable[[object, list[int]], None] | None = None) -> Generation:
+                         on_round: Callable[[object, list[int]], None] | None = None,
+                         policy: EnginePolicy | None = None,
+                         device_loop: bool | None = None) -> Generation:
     """`layerskip` when exit_layer is given, `spec` when a draft model is given, `pld` with
-    prompt_lookup. `draft_s` sums the time spent proposing: every drafter hands back its
-    tokens as Python ints, so the device has finished the draft work when the timer reads."""
+    prompt_lookup.
+
+    policy: the verify head's shape and the deferral break-even (`lsbench.policy`); by
+    default the model's calibration at this k (`costs.calibrate`), else the lazy head and the
+    E/L rule. device_loop (default: greedy on a non-CPU device): drafts stay on the device and
+    each round hands the drafts and the verify argmaxes to the host in one transfer
+    (`accept_on_device`). Drafting then runs the whole budget and cuts after the first stop
+    token, so only a round that drafts a stop token does more layer work than the host loop
+    (its drafts after the stop token, counted in the layer counts); rounds, drafts verified,
+    accepted counts and deferrals are the same. On the host loop (CPU, where a sync costs
+    nothing, and sampling) every token is a Python int as it is drafted.
+
+    `draft_s` sums the time spent proposing: the host loop's drafters hand back Python ints,
+    so the device has finished the draft work when the timer reads. The device loop cannot
+    time it without a sync per round: its `draft_s` is NaN."""
     if k < 1:
         raise LsbenchError(f"number of speculations must be >= 1, got {k}")
     sampler = Sampler(cfg, model.device)
+    if device_loop is None:
+        device_loop = model.device.type != "cpu"
+    device_loop = device_loop and sampler.greedy
+    policy = policy if policy is not None else model.engine_policies.get(k)
+    eager = policy is not None and policy.eager_head
+    threshold = None
     cache = model.new_cache()
     if draft is not None:
         check_draft_vocabulary(model, draft)
-        speculator = DraftModelSpeculator(model, cache, draft)
+        speculator = DraftModelSpeculator(model, cache, draft, eager_head=eager)
     elif prompt_lookup:
-        speculator = PromptLookupSpeculator(model, cache, cfg.stop_token_ids)
+        speculator = PromptLookupSpeculator(model, cache, cfg.stop_token_ids, eager_head=eager)
     else:
         check_exit_layers([exit_layer], model.num_layers)
-        speculator = SelfSpeculator(model, cache, exit_layer)
+        if policy is not None and exit_layer < model.num_layers:
+            threshold = policy.defer_threshold(exit_layer, model.num_layers)
+        speculator = SelfSpeculator(model, cache, exit_layer, eager_head=eager,
+                                    defer_threshold=threshold)
     drafter_counts = draft.counts if draft is not None else None
     c0, d0 = model.counts.copy(), drafter_counts.copy() if drafter_counts else None
 
@@ -365,10 +487,15 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     out, drafted, accepted, draft_s = [token], [], [], 0.0
     while len(out) < cfg.max_new_tokens and out[-1] not in cfg.stop_token_ids:
         budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
-        proposing = time.perf_counter()
-        drafts, probs = speculator.draft(committed, budget, sampler)
-        draft_s += time.perf_counter() - proposing
-        n_ok, token = accept(drafts, probs, speculator.verify(committed, drafts), sampler)
+        if device_loop:
+            on_device = speculator.draft_on_device(committed, budget)
+            drafts, n_ok, token = accept_on_device(
+                on_device, speculator.verify(committed, on_device), cfg.stop_token_ids)
+        else:
+            proposing = time.perf_counter()
+            drafts, probs = speculator.draft(committed, budget, sampler)
+            draft_s += time.perf_counter() - proposing
+            n_ok, token = accept(drafts, probs, speculator.verify(committed, drafts), sampler)
         # Drafting stops at a stop token, so one can only be the last draft: then the round
         # emits n_ok tokens instead of n_ok + 1 and generation ends.
         new = [*drafts[:n_ok], *([] if token is None else [token])]
@@ -386,7 +513,9 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         out, t1 - t0, t2 - t1, len(out) - 1, drafted, accepted,
         prefill_counts=c1.minus(c0), decode_counts=model.counts.minus(c1),
         draft_prefill_counts=d1.minus(d0) if d0 else None,
-        draft_decode_counts=drafter_counts.minus(d1) if d1 else None, draft_s=draft_s,
+        draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
+        draft_s=math.nan if device_loop else draft_s,
+        eager_head=eager, defer_threshold=threshold, device_loop=device_loop,
         # Buffers only grow (a rollback is a view), so the end is the peak.
         kv_cache_bytes=cache_bytes(cache, getattr(speculator, "draft_cache", None)),
     )
