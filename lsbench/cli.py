@@ -203,9 +203,12 @@ def _print_sweep_table(df) -> None:
         t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs the same "
                         "engine's autoregressive decoding in the same process (95% CI over "
                         "examples)", title_justify="left")
-        # Columns that only prompt lookup (rounds without a match) or lossy rows (agreement
-        # with autoregressive decoding) fill appear only with such rows.
-        cols = ["run", "k", "tokens/s", "speedup", "vs transformers", "acceptance"]
+        # Columns that only transformers' references (lsbench vs transformers), prompt lookup
+        # (rounds without a match) or lossy rows (agreement with autoregressive decoding) fill
+        # appear only with such rows.
+        cols = ["run", "k", "tokens/s", "speedup"]
+        cols += ["vs transformers"] if rows["strategy"].str.startswith("hf-").any() else []
+        cols += ["acceptance"]
         cols += ["no-draft rounds"] if rows["strategy"].eq("pld").any() else []
         cols += ["accepted len", "ROUGE-L"]
         cols += ["agreement"] if rows["lossy"].any() else []

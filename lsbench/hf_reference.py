@@ -85,14 +85,25 @@ def neutral_generation_config(cfg: DecodingConfig, *, k: int = 4, early_exit: in
     )
 
 
+# Switches that make generate() assisted: they belong to the one generate() call, never to a
+# model's own config. The early-exit and assisted candidate generators clear them (None) for
+# the assistant's inner generate() calls, and generate() fills a None from the model's config:
+# left there, they would make every drafting call assisted again, without the drafter's cache.
+_CALL_ONLY = ("assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size")
+
+
 @contextlib.contextmanager
 def _neutral_models(models: list[torch.nn.Module], gen_cfg: GenerationConfig):
-    """Replace each model's own generation_config by `gen_cfg` while generate() runs: both the
-    target's and the assistant's generate() merge it into every knob left at None."""
+    """Replace each model's own generation_config by `gen_cfg`, less the call-only switches,
+    while generate() runs: both the target's and the assistant's generate() merge it into
+    every knob left at None."""
     saved = [m.generation_config for m in models]
+    own = copy.deepcopy(gen_cfg)
+    for key in _CALL_ONLY:
+        setattr(own, key, None)
     try:
         for m in models:
-            m.generation_config = copy.deepcopy(gen_cfg)
+            m.generation_config = copy.deepcopy(own)
         yield
     finally:
         for m, old in zip(models, saved, strict=True):

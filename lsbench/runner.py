@@ -97,7 +97,9 @@ class _Loaded:
     peak_gbps: float = math.nan  # the device's copy bandwidth, measured once per process
 
 
-def _load(job: JobSpec, device_map: str | None = None) -> _Loaded:
+def load_job_models(job: JobSpec, device_map: str | None = None) -> _Loaded:
+    """The target and every draft model of `job`, each with its adapter, FLOP and weight
+    models, and the device's copy bandwidth: what one process measures with."""
     target = load_model(job.model, dtype=job.dtype, device=job.device, revision=job.revision,
                         device_map=device_map)
     drafts = {}
@@ -183,7 +185,7 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
     if job.threads:
         torch.set_num_threads(job.threads)
     examples, fingerprint = load_examples(job.dataset)
-    loaded = _load(job, device_map)
+    loaded = load_job_models(job, device_map)
     tokenizer = loaded.target.tokenizer
     prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
     cfg = DecodingConfig(**{**job.decoding.__dict__,
@@ -374,6 +376,15 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
     return JobOutcome(len(pending), total - len(pending))
 
 
+def _rounds_without_draft(gen: Generation, decoding: DecodingConfig) -> int:
+    """Rounds whose drafter could propose but proposed nothing (pld without a match). A round
+    that starts one token short of max_new_tokens has no budget to draft: it can only be the
+    last, it emits that one token, and it is not counted."""
+    no_budget = bool(gen.drafted) and gen.drafted[-1] == 0 \
+        and len(gen.tokens) == decoding.max_new_tokens
+    return gen.drafted.count(0) - no_budget
+
+
 def _ms_per_token(gen: Generation) -> float:
     return 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
 
@@ -460,7 +471,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "total_s": total_s, "draft_s": math.nan if hf else gen.draft_s,
         "lossy": run.strategy in LOSSY, "rounds": rounds,
         "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted, "accept_hist": hist,
-        "rounds_without_draft": None if hf else gen.drafted.count(0),
+        "rounds_without_draft": None if hf else _rounds_without_draft(gen, job.decoding),
         "layer_tokens_prefill": gen.prefill_counts.layer_tokens,
         "layer_tokens_decode": gen.decode_counts.layer_tokens,
         "attn_pairs_prefill": gen.prefill_counts.attn_pairs,

@@ -33,7 +33,13 @@ from lsbench.generation import DecodingConfig, Generation
 from lsbench.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
 from lsbench.models import EarlyExitModel, check_exit_layers
 from lsbench.replay import Replay, replay, replay_pld
-from lsbench.runner import ProgressEvent, _load, environment, stop_token_ids, validate
+from lsbench.runner import (
+    ProgressEvent,
+    environment,
+    load_job_models,
+    stop_token_ids,
+    validate,
+)
 from lsbench.scan_schema import (
     SCAN_COLUMNS,
     SCAN_METADATA_KEY,
@@ -274,7 +280,7 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
     examples, fingerprint = load_examples(job.dataset)
     runs = tuple(dataclasses.replace(BASELINE, strategy="spec", draft_model=d)
                  for d in spec.drafts)
-    loaded = _load(dataclasses.replace(job, runs=(BASELINE, *runs)))
+    loaded = load_job_models(dataclasses.replace(job, runs=(BASELINE, *runs)))
     model = loaded.adapter
     drafts = {name: entry[1] for name, entry in loaded.drafts.items()}
     prompts = [build_prompt(loaded.target.tokenizer, ex.article, job.max_input_tokens)

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from lsbench.schema import ENVIRONMENT_COLUMNS
+
 SCAN_SCHEMA_VERSION = 1
 SCAN_METADATA_KEY = b"lsbench-scan"
 
 _ENV = [
-    ("lsbench_version", pa.string(), "lsbench version"),
-    ("git_commit", pa.string(), "lsbench git commit when available"),
-    ("torch_version", pa.string(), "torch version"),
-    ("transformers_version", pa.string(), "transformers version"),
-    ("device", pa.string(), "torch device"),
-    ("device_name", pa.string(), "GPU or CPU model name"),
-    ("dtype", pa.string(), "weights dtype"),
-    ("threads", pa.int64(), "torch intra-op threads"),
+    *ENVIRONMENT_COLUMNS,
     ("timestamp", pa.string(), "UTC time the example was scanned, ISO 8601"),
 ]
 

@@ -10,6 +10,18 @@ SCHEMA_VERSION = 2
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
 
+# What a measurement ran on and with: shared with `lsbench scan`'s files (scan_schema).
+ENVIRONMENT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("lsbench_version", pa.string(), "lsbench version"),
+    ("git_commit", pa.string(), "lsbench git commit when available"),
+    ("torch_version", pa.string(), "torch version"),
+    ("transformers_version", pa.string(), "transformers version"),
+    ("device", pa.string(), "torch device"),
+    ("device_name", pa.string(), "GPU or CPU model name"),
+    ("dtype", pa.string(), "weights dtype"),
+    ("threads", pa.int64(), "torch intra-op threads"),
+]
+
 # (name, arrow type, meaning)
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # identity of the run
@@ -63,9 +75,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
     ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),
     ("accept_hist", pa.list_(pa.int64()), "rounds with i accepted drafts, i = 0..k"),
-    ("rounds_without_draft", pa.int64(), "rounds that proposed nothing (pld without a match, "
-     "or no budget left to draft in the last round; "
-     "0 for ar/exit, null for transformers' runs)"),
+    ("rounds_without_draft", pa.int64(), "rounds whose drafter could draft but proposed nothing "
+     "(pld without a match; a last round with no budget left is not counted); 0 for "
+     "ar/exit, null for transformers' runs"),
     ("layer_tokens_prefill", pa.list_(pa.int64()), "per target layer: tokens evaluated in prefill"),
     ("layer_tokens_decode", pa.list_(pa.int64()), "per target layer: tokens evaluated in decode"),
     ("attn_pairs_prefill", pa.list_(pa.int64()), "per target layer: query-key pairs in prefill"),
@@ -115,14 +127,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "baseline's output at the same position"),
     ("draft_revision", pa.string(), "hub commit or revision of the draft model when known"),
     # metadata
-    ("lsbench_version", pa.string(), "lsbench version"),
-    ("git_commit", pa.string(), "lsbench git commit when available"),
-    ("torch_version", pa.string(), "torch version"),
-    ("transformers_version", pa.string(), "transformers version"),
-    ("device", pa.string(), "torch device"),
-    ("device_name", pa.string(), "GPU or CPU model name"),
-    ("dtype", pa.string(), "weights dtype"),
-    ("threads", pa.int64(), "torch intra-op threads"),
+    *ENVIRONMENT_COLUMNS,
     ("host", pa.string(), "hostname of the machine that measured the row"),
     ("worker", pa.string(), "Ray worker that measured the row (w<index>-pid<pid>), empty when "
      "lsbench ran in one process"),

@@ -47,6 +47,20 @@ def test_hf_references_ignore_the_checkpoints_generation_config(opinionated):
     assert draft.model.generation_config.top_k == 3
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_hf_early_exit_drafter_keeps_its_cache(opinionated, k):
+    """generate() fills a None knob from the model's own config; the neutral config placed
+    there must not carry assistant_early_exit, or every drafting call becomes an assisted
+    generate() of its own and re-reads the whole prompt through the shallow layers."""
+    prompt = list(range(5, 45))
+    gen = generate("hf-early-exit", opinionated, prompt, DecodingConfig(max_new_tokens=16), k=k,
+                   exit_layer=1)
+    counts = gen.decode_counts
+    rounds = counts.layer_calls[-1]  # one verification forward through the last layer a round
+    # The shallow layer sees the verified tokens plus at most k + 1 drafting inputs a round.
+    assert counts.layer_tokens[0] <= counts.layer_tokens[-1] + rounds * (k + 1)
+
+
 @pytest.mark.parametrize("sampling", [
     DecodingConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0),
     DecodingConfig(do_sample=True, temperature=1.0, top_k=4, top_p=0.9),

@@ -41,7 +41,11 @@ def test_pld_rows_are_lossless_and_count_rounds_without_a_match(rows):
     assert len(pld) == 2 * 3 and pld.matches_baseline.all() and (pld.first_mismatch == -1).all()
     assert not pld.lossy.any() and (pld.exit_layer == 0).all()
     drafted = [list(d) for d in pld.drafted_per_round]
-    assert list(pld.rounds_without_draft) == [d.count(0) for d in drafted]
+    # A last round one token short of the budget cannot draft: not a round without a match.
+    no_budget = [d[-1] == 0 and n == r.max_new_tokens
+                 for d, n, r in zip(drafted, pld.new_tokens, pld.itertuples(), strict=True)]
+    assert list(pld.rounds_without_draft) == [d.count(0) - nb
+                                              for d, nb in zip(drafted, no_budget, strict=True)]
     assert list(pld.rounds) == [len(d) for d in drafted]
     assert sum(pld.rounds_without_draft) > 0 and sum(sum(d) for d in drafted) > 0
     # Acceptance counts only rounds that drafted; emitted tokens count every round.
@@ -63,6 +67,10 @@ def test_draft_s_is_measured_where_lsbench_drafts(rows):
     assert (spec.draft_s > 0).all() and (spec.draft_s < spec.decode_s).all()
     own = rows[rows.strategy.isin(["ar", "exit"])]
     assert (own.draft_s == 0).all() and (own.rounds_without_draft == 0).all()
+    # layerskip always drafts while it has budget: a last round without one is not counted
+    layerskip = rows[rows.strategy == "layerskip"]
+    assert any(list(d)[-1] == 0 for d in layerskip.drafted_per_round)
+    assert (layerskip.rounds_without_draft == 0).all()
     hf = rows[rows.strategy == "hf-pld"]
     assert len(hf) == 2 * 3 and hf.draft_s.isna().all() and hf.rounds_without_draft.isna().all()
     assert hf.matches_baseline.all() and not hf.lossy.any()
