@@ -11,7 +11,8 @@ greedy output differs from autoregressive decoding, else 0.
 
 `pld` (prompt lookup) runs against transformers' `prompt_lookup_num_tokens` at the same k;
 both use the same matcher settings, so they verify the same drafts and the ratio measures the
-engines. Its line is followed by the rounds, those without a match, and the acceptance.
+engines. Its line is followed by the rounds, those that drafted nothing (no match, or no budget
+left in a last round), and the acceptance.
 
 Each `layerskip` line is followed by a cost model: decoder-layer seconds at 1, k and k+1
 tokens and LM-head seconds at 1 and k+1 rows, measured in the same run, put into the per-round
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if a[0] == "pld":
             n = sum(rounds.values())
             rate = f"{accepted / drafted:.3f}" if drafted else "—"
-            print(f"{'':>16}{n} rounds, {empty} without a match ({empty / max(n, 1):.0%}); "
+            print(f"{'':>16}{n} rounds, {empty} drafted nothing ({empty / max(n, 1):.0%}); "
                   f"acceptance {rate} over the rounds that drafted")
         if a[1] is not None:
             # Greedy drafts and verdicts are the same on both sides, so are the rounds.
