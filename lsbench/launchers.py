@@ -28,7 +28,7 @@ from lsbench.jobs import JobSpec, RunSpec
 from lsbench.runner import (
     JobOutcome,
     ProgressEvent,
-    check_resumable,
+    begin_job,
     measure_unit,
     pending_units,
     prepare_job,
@@ -143,11 +143,7 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
     emit = on_progress or (lambda _event: None)
     validate(job)
     with store.locked():
-        if force:
-            store.drop_runs({job.run_id(r) for r in job.runs})
-        else:
-            check_resumable(store)
-        store.compact()
+        begin_job(job, store, force)
         emit(ProgressEvent("load", 0, 0, "starting Ray"))
         # The driver loads data, not models: prompt lengths order the units.
         from lsbench.data import build_prompt, load_examples

@@ -325,6 +325,17 @@ def check_resumable(store: ResultStore) -> None:
                            f"as version {SCHEMA_VERSION}) or choose another --out")
 
 
+def begin_job(job: JobSpec, store: ResultStore, force: bool) -> None:
+    """Under the store's lock, before a job measures anything: --force drops the job's runs,
+    otherwise a file of an older schema is refused; then the parts of an interrupted job are
+    folded into the file (resume)."""
+    if force:
+        store.drop_runs({job.run_id(r) for r in job.runs})
+    else:
+        check_resumable(store)
+    store.compact()
+
+
 def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
             on_progress: Callable[[ProgressEvent], None] | None = None,
             shard: tuple[int, int] | None = None, device_map: str | None = None
@@ -335,11 +346,7 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
     emit = on_progress or (lambda _event: None)
     validate(job)
     with store.locked():
-        if force:
-            store.drop_runs({job.run_id(r) for r in job.runs})
-        else:
-            check_resumable(store)
-        store.compact()  # resume: fold the parts of an interrupted job into the file
+        begin_job(job, store, force)
         emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
         prepared = prepare_job(job, device_map=device_map)
         rows = store.rows()

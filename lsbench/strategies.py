@@ -270,6 +270,15 @@ def _verify_ids(model: EarlyExitModel, committed: list[int],
     return torch.tensor([[committed[-1], *drafts]], device=model.device)
 
 
+def verify_all_layers(model: EarlyExitModel, cache, committed: list[int],
+                      drafts: Sequence[int] | torch.Tensor, eager: bool) -> VerifyLogits:
+    """Verification with a separate drafter (a draft model, prompt lookup): every layer over
+    the pending token and the drafts, in one forward."""
+    ids = _verify_ids(model, committed, drafts)
+    return VerifyLogits(model, model.run_layers(model.embed(ids), cache, 0, model.num_layers),
+                        eager=eager)
+
+
 class DraftModelSpeculator:
     """Classic two-model speculative decoding; the draft model keeps its own cache."""
 
@@ -313,10 +322,7 @@ class DraftModelSpeculator:
 
     def verify(self, committed: list[int], drafts: Sequence[int] | torch.Tensor) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
-        m = self.model
-        ids = _verify_ids(m, committed, drafts)
-        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers),
-                            eager=self.eager_head)
+        return verify_all_layers(self.model, self.cache, committed, drafts, self.eager_head)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
@@ -354,10 +360,7 @@ class PromptLookupSpeculator:
 
     def verify(self, committed: list[int], drafts: Sequence[int] | torch.Tensor) -> VerifyLogits:
         """Full-model logits at the pending token and at every draft."""
-        m = self.model
-        ids = _verify_ids(m, committed, drafts)
-        return VerifyLogits(m, m.run_layers(m.embed(ids), self.cache, 0, m.num_layers),
-                            eager=self.eager_head)
+        return verify_all_layers(self.model, self.cache, committed, drafts, self.eager_head)
 
     def end_round(self, cached_len: int, all_accepted: bool) -> None:
         crop_cache(self.cache, cached_len)
