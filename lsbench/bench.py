@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 from lsbench.costs import (  # noqa: F401  (UnitCosts re-exported)
     UnitCosts,
@@ -151,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if lossless else 1
 
 
-if __name__ == "__main__":
+def run_timed(entry: Callable[[], int]) -> None:
+    """A benchmark script's `__main__`: bad input is one line and exit 1; otherwise the
+    wall time, then the entry's exit status."""
     t0 = time.perf_counter()
     try:
-        code = main()
+        code = entry()
     except LsbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"({time.perf_counter() - t0:.0f} s)")
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_timed(main)

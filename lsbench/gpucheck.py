@@ -407,6 +407,15 @@ def self_text(cfg, path: Path, tokens: int, seconds: float, batch: int, new_toke
             "batch": batch, "new_tokens": new_tokens}
 
 
+def heldout_scale(c: Check) -> dict:
+    """How many held-out articles the twins are swept and scanned on, and how long."""
+    if c.tiny:
+        return {("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
+                ("data", "max_input_tokens"): 40}
+    return {("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
+            ("data", "max_input_tokens"): 384}
+
+
 def step_ab(c: Check, step: Step) -> None:
     from lsbench.ab import summary_markdown
     from lsbench.plots import plot_sweep
@@ -454,12 +463,7 @@ def step_ab(c: Check, step: Step) -> None:
     sweep_file = ROOT / "sweeps" / "ab-twins.toml"
     overrides: dict = {("data", "dataset"): f"jsonl:{out / 'heldout-news.jsonl'}",
                        ("sweep", "num_speculations"): [2, 4, 6], ("sweep", "exit_layers"): "all"}
-    if c.tiny:
-        overrides.update({("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
-                          ("data", "max_input_tokens"): 40})
-    else:
-        overrides.update({("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
-                          ("data", "max_input_tokens"): 384})
+    overrides.update(heldout_scale(c))
     frames, complete = [], True
     sweep_end = c.deadline - 5  # leave a few seconds for the summary and figures
     for i, kind in enumerate(("baseline", "layerskip")):
@@ -597,12 +601,7 @@ def step_scan(c: Check, step: Step) -> None:
     overrides: dict = {("", "model"): twin, ("", "name"): "gpucheck-scan",
                        ("data", "dataset"): f"jsonl:{heldout}", ("sweep", "exit_layers"): "all",
                        ("sweep", "num_speculations"): "1:3" if c.tiny else "1:8"}
-    if c.tiny:
-        overrides.update({("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
-                          ("data", "max_input_tokens"): 40})
-    else:
-        overrides.update({("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
-                          ("data", "max_input_tokens"): 384})
+    overrides.update(heldout_scale(c))
     settings = sweep_settings(c, ROOT / "sweeps" / "ab-twins.toml", overrides)
     spec = scan_spec(settings, model_num_layers(twin))
     c.say(f"  scanning {spec.points} points per example...")

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lsbench.bench import run_timed
 from lsbench.errors import LsbenchError
 from lsbench.jobs import RunSpec, Settings
 from lsbench.models import model_num_layers
@@ -107,11 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    t_start = time.perf_counter()
-    try:
-        code = main()
-    except LsbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"({time.perf_counter() - t_start:.0f} s)")
-    sys.exit(code)
+    run_timed(main)
