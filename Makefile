@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab gpu-check clean
+.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab gpu-check gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,16 @@ GPU_OUT ?= results/gpu
 GPU_BUDGET ?= 480
 GPU_ARGS ?=
 GPU_PYTHON ?= $(BIN)/python
+# GPU_BUNDLE=DIR (made by `make gpu-bundle`, copied over part by part): verified, installed into
+# GPU_SITE by lsbench/gpuinstall.py (stdlib + pip only), then the check runs with it, offline.
+GPU_BUNDLE ?=
+GPU_SITE ?= /tmp/lsbench-site
 gpu-check:
 	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) setup; fi
-	$(GPU_PYTHON) -m lsbench.gpucheck --out $(GPU_OUT) --budget $(GPU_BUDGET) $(GPU_ARGS)
+	$(if $(GPU_BUNDLE),$(GPU_PYTHON) -m lsbench.gpuinstall $(GPU_BUNDLE) --target $(GPU_SITE) -- )$(GPU_PYTHON) -m lsbench.gpucheck --out $(GPU_OUT) --budget $(GPU_BUDGET) $(GPU_ARGS)
+
+# What an offline GPU machine (CUDA torch, transformers etc. already there) lacks for
+# gpu-check, downloaded here: gpu-bundle/part-1, part-2, ... of at most GPU_PART_MIB MiB each.
+GPU_PART_MIB ?= 56
+gpu-bundle: setup
+	$(BIN)/python -m lsbench.gpubundle --out gpu-bundle --part-mib $(GPU_PART_MIB)

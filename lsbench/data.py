@@ -14,6 +14,7 @@ import hashlib
 import html
 import importlib.util
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -30,6 +31,11 @@ PLAIN_TEMPLATE = "Article: {article}\nSummary:"
 
 _LEE_FILE = "lee_background.cor"
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# The gensim test-data file each embedded corpus reads.
+GENSIM_FILES = {"lee-news": _LEE_FILE, "wiki-lead": _WIKI_FILE}
+# A folder holding those files, read instead of an installed gensim's test data (the offline
+# GPU bundle carries the two files, not the 27 MB gensim wheel).
+GENSIM_DATA_ENV = "LSBENCH_GENSIM_DATA"
 _WIKI_MIN_LEAD_WORDS = 20
 _WIKI_MIN_BODY_WORDS = 100
 # Generic `datasets` builders for local copies of the hub datasets, by file extension.
@@ -86,7 +92,8 @@ def check_dataset(name: str) -> None:
     if name not in DATASETS:
         valid = ", ".join([*DATASETS, "jsonl:PATH"])
         raise LsbenchError(f"unknown dataset {name!r}; choose one of: {valid}")
-    if name in ("lee-news", "wiki-lead") and importlib.util.find_spec("gensim") is None:
+    if (name in GENSIM_FILES and not os.environ.get(GENSIM_DATA_ENV)
+            and importlib.util.find_spec("gensim") is None):
         raise LsbenchError(f"dataset {name!r} needs gensim: pip install gensim")
 
 
@@ -189,9 +196,16 @@ def _load_hub(spec: DatasetSpec, source: _HubSource) -> list[Example]:
 # --- embedded corpora from gensim's test data ----------------------------------------------
 
 
-def _gensim_file(name: str, filename: str) -> Path:
+def gensim_file(name: str, filename: str) -> Path:
     """Path of a file in gensim's test data (what gensim.test.utils.datapath returns), found
-    without importing gensim: that import alone takes about a second."""
+    without importing gensim: that import alone takes about a second. $LSBENCH_GENSIM_DATA,
+    when set, is the folder to read instead."""
+    override = os.environ.get(GENSIM_DATA_ENV)
+    if override:
+        path = Path(override) / filename
+        if not path.is_file():
+            raise LsbenchError(f"dataset {name!r}: {GENSIM_DATA_ENV}={override} lacks {filename}")
+        return path
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise LsbenchError(f"dataset {name!r} needs gensim: pip install gensim")
@@ -203,7 +217,7 @@ def _gensim_file(name: str, filename: str) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _lee_news() -> tuple[Example, ...]:
-    lines = _gensim_file("lee-news", _LEE_FILE).read_text(encoding="utf-8").splitlines()
+    lines = gensim_file("lee-news", _LEE_FILE).read_text(encoding="utf-8").splitlines()
     # ids are line numbers, which stay stable as long as gensim ships the same file
     return tuple(Example(example_id=str(i), article=line.strip(), reference=None)
                  for i, line in enumerate(lines) if line.strip())
@@ -325,7 +339,7 @@ def _lead_and_body(raw: str) -> tuple[str, str]:
 @functools.lru_cache(maxsize=1)
 def _wiki_lead() -> tuple[Example, ...]:
     examples = []
-    for title, ns, page_id, raw in _wiki_pages(_gensim_file("wiki-lead", _WIKI_FILE)):
+    for title, ns, page_id, raw in _wiki_pages(gensim_file("wiki-lead", _WIKI_FILE)):
         # articles only: no talk/user pages, redirects or disambiguation lists
         if (ns != "0" or raw[:50].lstrip().lower().startswith("#redirect")
                 or title.endswith("(disambiguation)")):

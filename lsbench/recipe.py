@@ -156,8 +156,8 @@ def exit_forward(model: torch.nn.Module, ids: torch.Tensor, *, exits: list[int],
     batch, length = ids.shape
     position_ids = torch.arange(length, device=ids.device).unsqueeze(0)
     position_embeddings = backbone.rotary_emb(hidden, position_ids=position_ids)
-    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
-                              cache=None, position_ids=position_ids)
+    # no cache: passed by position, since transformers renamed it (past_key_values -> cache)
+    mask = create_causal_mask(model.config, hidden, None, None, position_ids=position_ids)
     drop = rates is not None and model.training  # layer dropout never runs in eval mode
     targets = ids[:, 1:].reshape(-1)
     losses: dict[int, torch.Tensor] = {}

@@ -219,6 +219,7 @@ def test_embedded_corpora_are_cached_and_fast():
 
 
 def test_missing_gensim_is_a_user_error(monkeypatch):
+    monkeypatch.delenv(data.GENSIM_DATA_ENV, raising=False)  # no folder standing in for it
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gensim" else real(name, *a))
