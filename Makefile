@@ -54,8 +54,8 @@ qwen-pair: setup
 	$(BIN)/python -m lsbench.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 # The offline A/B: train a baseline twin and a LayerSkip twin (tiny Llama, BPE 4096, ~850k
-# tokens each, 2 CPU cores), sweep both on held-out news, draw them side by side. Writes
-# results/ab/summary.md and plots/ab/*.png; about 9 minutes.
+# tokens each, 2 CPU cores), sweep and scan both on held-out news, draw them side by side.
+# Writes results/ab/summary.md and plots/ab/*.png; about 9 minutes before the scans.
 ab: setup
 	$(BIN)/python -m lsbench.ab --out results/ab --plots plots/ab
 

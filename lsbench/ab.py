@@ -1,12 +1,13 @@
 """`make ab`: the LayerSkip blog's contrast, offline. Two twins (same architecture, data order,
 seed and token budget) are trained on this machine, one with the LayerSkip recipe and one
 without, then swept on held-out news articles with the ordinary `lsbench sweep` machinery, and
-drawn side by side with a Markdown summary.
+drawn side by side with a Markdown summary. Each twin is also scanned (`lsbench scan`) right
+after its sweep, and the summary checks the scan's predictions against that measured grid.
 
     python -m lsbench.ab [--out results/ab] [--plots plots/ab] [--tokens N]
 
-The twins train in parallel, one thread each (2 cores); the sweeps then run one at a time so
-that their timings do not disturb each other.
+The twins train in parallel, one thread each (2 cores); the sweeps and scans then run one at
+a time so that their timings do not disturb each other.
 """
 
 from __future__ import annotations
@@ -71,20 +72,91 @@ def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> Non
             future.result()
 
 
-def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
-    from lsbench.jobs import Settings, sweep_job
-    from lsbench.models import model_num_layers
-    from lsbench.runner import run_job
-    from lsbench.store import ResultStore
+def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE):
+    """The sweep file's settings for twin `name` on the held-out articles in `out`."""
+    from lsbench.jobs import Settings
 
     settings = Settings.from_file(sweep_file)
     settings.override("", "model", name)
     settings.override("data", "dataset", f"jsonl:{out / 'heldout-news.jsonl'}")
-    job = sweep_job(settings, model_num_layers(name))
+    return settings
+
+
+def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
+    from lsbench.jobs import sweep_job
+    from lsbench.models import model_num_layers
+    from lsbench.runner import run_job
+    from lsbench.store import ResultStore
+
+    job = sweep_job(twin_settings(name, out, sweep_file), model_num_layers(name))
     path = out / f"{name}.parquet"
     path.unlink(missing_ok=True)  # fresh twins: never resume from an older model's rows
     run_job(job, ResultStore(path))
     return path
+
+
+def scan_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
+    """`lsbench scan` of twin `name` with its sweep's settings (examples, decoding, device,
+    exit layers and k; no prompt lookup), into out/<name>.scan.parquet and its trace file."""
+    from lsbench.models import model_num_layers
+    from lsbench.scan import run_scan, scan_spec, write_scan
+
+    spec = scan_spec(twin_settings(name, out, sweep_file), model_num_layers(name), pld=False)
+    path, _ = write_scan(run_scan(spec), out / f"{name}.scan.parquet")
+    return path
+
+
+def scan_checks(df: pd.DataFrame, scans: dict[str, Path],
+                twins: dict[str, str] = TWINS) -> dict[str, dict]:
+    """Per twin: its scan against its fully measured layerskip grid (`scan_report.grid_check`),
+    the best points chosen below the last layer as in the summary's best settings."""
+    from lsbench.scan_report import grid_check, read_scans
+
+    checks = {}
+    for kind, path in scans.items():
+        rows = df[df["model"] == twins[kind]]
+        last = int(rows["model_num_layers"].iloc[0])
+        checks[kind] = grid_check(read_scans([path]), rows, best_below_exit=last).as_dict()
+    return checks
+
+
+def scan_section(checks: dict[str, dict]) -> tuple[list[str], dict[str, bool]]:
+    """The summary's "Scan against the measured grid" lines and the two issue-10 targets."""
+    lines = ["## Scan against the measured grid", "",
+             "Each twin is scanned (`lsbench scan`, same examples, decoding, exits and k) right "
+             "after its sweep, which times every one of those (E, k) points: the fully measured "
+             "grid. Identical: (example, E, k) points whose predicted accepted count equals "
+             "the measured one in every round (so rounds and histogram agree), and of those "
+             "the ones whose drafted counts agree too (so acceptance does). Speedup of a point: "
+             "total baseline decode time over the point's, summed over the examples (measured: "
+             "the sweep's own `ar`; predicted: the scan's `ar` over its priced rounds); the "
+             "error is the median over the (E, k) points of |predicted / measured - 1|. Best "
+             "points: among exits below the last layer.", "",
+             "| twin | identical rounds | identical drafted too | median abs. rel. error of "
+             "speedup | scan's best predicted | its predicted / measured speedup | best "
+             "measured | its speedup | ratio |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|"]
+    for kind, c in checks.items():
+        bp, bm = c["best_predicted"], c["best_measured"]
+        n = c["example_points"]
+        lines.append(
+            f"| {kind} | {c['identical_rounds']}/{n} ({c['identical_rounds'] / n:.1%}) | "
+            f"{c['identical_drafted']}/{n} ({c['identical_drafted'] / n:.1%}) | "
+            f"{c['median_abs_rel_error']:.1%} over {c['points']} points | "
+            f"E={bp['exit_layer']} k={bp['num_speculations']} | "
+            f"{bp['predicted_speedup']:.2f}x / {bp['measured_speedup']:.2f}x | "
+            f"E={bm['exit_layer']} k={bm['num_speculations']} | "
+            f"{bm['measured_speedup']:.2f}x | {c['best_ratio']:.3f} |")
+    targets = {
+        "scan: predicted vs measured speedup, median abs. relative error <= 10% on each twin "
+        "(issue 10)": all(c["median_abs_rel_error"] <= 0.10 for c in checks.values()),
+    }
+    if "layerskip" in checks:
+        targets["scan: on the LayerSkip twin, the measured speedup of the scan's best predicted "
+                "point within 5% of the grid's best (ratio >= 0.95; issue 10)"] = (
+            checks["layerskip"]["best_ratio"] >= 0.95)
+    lines += [""] + [f"- [{'x' if ok else ' '}] {what}" for what, ok in targets.items()]
+    return lines, targets
 
 
 def distinct_share(df: pd.DataFrame) -> float:
@@ -99,8 +171,10 @@ def _ratio(a: float, b: float) -> float:
 
 
 def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
-                     k_target: int = 4, twins: dict[str, str] = TWINS) -> tuple[str, dict]:
-    """The A/B summary of two swept twins; `twins` maps baseline/layerskip to model names."""
+                     k_target: int = 4, twins: dict[str, str] = TWINS,
+                     scans: dict[str, dict] | None = None) -> tuple[str, dict]:
+    """The A/B summary of two swept twins; `twins` maps baseline/layerskip to model names;
+    `scans`, per twin, its scan against the grid (`scan_checks`), a section of its own."""
     from lsbench.report import summarize
 
     s = summarize(df)
@@ -166,11 +240,16 @@ def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
                      f"{1000 * log['step_s']:.0f} ms |")
     lines += ["", "## Targets", ""]
     lines += [f"- [{'x' if ok else ' '}] {what}" for what, ok in targets.items()]
+    if scans:
+        section, scan_targets = scan_section(scans)
+        lines += ["", *section]
     lines += ["", f"`make ab` wall time: {wall_s / 60:.1f} min.", "",
               "Recipe of the LayerSkip twin: " + json.dumps(logs["layerskip"]["config"]["recipe"]),
               ""]
     numbers = {"acceptance": acc, "speedup": speed, "heldout_loss": loss, "agreement": agree,
                "best": best, "distinct_share": distinct, "wall_s": wall_s, "targets": targets}
+    if scans:
+        numbers["scan"] = {**scans, "targets": scan_targets}
     return "\n".join(lines), numbers
 
 
@@ -194,14 +273,17 @@ def run_ab(base: TrainConfig, recipe: Recipe, out: Path, plots: Path,
     from lsbench.plots import plot_sweep
     from lsbench.store import read_results
 
-    results = []
-    for name in TWINS.values():
+    results, scans = [], {}
+    for kind, name in TWINS.items():  # one at a time: no timing runs beside another
         say(f"sweeping {name} on held-out news...")
         results.append(sweep_twin(name, out, sweep_file))
+        say(f"scanning {name} on the same examples, exits and k...")
+        scans[kind] = scan_twin(name, out, sweep_file)
     df = read_results(results)
     for p in plot_sweep(df, plots):
         say(f"  {p}")
-    text, numbers = summary_markdown(df, logs, time.perf_counter() - started)
+    text, numbers = summary_markdown(df, logs, time.perf_counter() - started,
+                                     scans=scan_checks(df, scans))
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(
         {**numbers, "train": asdict(base), "recipe": asdict(recipe)}, indent=1, default=str))
@@ -215,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, default=Path("plots/ab"))
     parser.add_argument("--tokens", type=int, default=AB_TRAIN.tokens)
     parser.add_argument("--skip-train", action="store_true",
-                        help="sweep the twins already trained")
+                        help="sweep and scan the twins already trained")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers

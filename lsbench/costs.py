@@ -108,6 +108,13 @@ def calibrate(model: EarlyExitModel, k: int, prompt: list[int],
     return policy
 
 
+def no_bonus(r: Round) -> bool:
+    """Every draft accepted and the last one a stop token (drafting stops at one, so it can
+    only be last): the round emits the drafts alone and the output ends there, so the engine
+    never computes the bonus token (`strategies.accept` returns None for it)."""
+    return r.drafted > 0 and r.accepted == r.drafted and r.emitted == r.accepted
+
+
 @dataclass(frozen=True)
 class CostTable:
     """Seconds of the engine's units. layer[n-1]: one decoder layer over n tokens inside a
@@ -136,6 +143,15 @@ class CostTable:
             return self.head[rows - 1]
         return self.head[0] + (self.head[rows - 2] if accepted >= 1 and rows >= 2 else 0.0)
 
+    def verify_head_with_bonus(self, r: Round) -> float:
+        """The verify head over the pending token and all r.drafted drafts (n + 1 rows, the
+        last the bonus row). Lazy: rows 1..n are one call once the first draft is accepted;
+        when that draft was the only one and a stop token, `strategies.accept` ends the
+        output without reading row 1, so it is never computed."""
+        if r.drafted == 1 and no_bonus(r) and not self.eager_head:
+            return self.head[0]
+        return self.verify_head(r.drafted + 1, r.accepted)
+
     @property
     def max_tokens(self) -> int:
         return min(len(self.layer), len(self.head))
@@ -153,39 +169,37 @@ class CostTable:
         shallow = self.layers(e, 1) + self.head[0] + self.step  # one draft step
         t = (n + r.conf_stopped) * shallow + self.round
         last_pass = self.layers(e, 1) + self.layers(L - e, 1) + self.head[0] + self.step
+        bonus_pass = last_pass if a == n and not no_bonus(r) else 0.0
         if e == L:  # drafts' logits are the full model's; the bonus needs one more full pass
-            return t + (last_pass if a == n else 0.0)
+            return t + bonus_pass
         if n == 0 and not r.conf_stopped:  # nothing drafted: an autoregressive step
             return t + last_pass
         if r.conf_stopped:  # every fed token's exit state is cached: deep layers over n + 1
             return t + self.layers(L - e, n + 1) + self.verify_head(n + 1, a)
         if not r.deferred:  # last draft's shallow pass, deep layers over n + 1
             return (t + self.layers(e, 1) + self.step + self.layers(L - e, n + 1)
-                    + self.verify_head(n + 1, a))
+                    + self.verify_head_with_bonus(r))
         t += self.layers(L - e, n) + self.verify_head(n, a)  # deferred: over the n cached
-        return t + (last_pass if a == n else 0.0)
+        return t + bonus_pass
 
     def spec_round(self, r: Round) -> float:
-        """One round of `strategies.DraftModelSpeculator`: own-cache drafts, full verify."""
-        n, a = r.drafted, r.accepted
+        """One round of `strategies.DraftModelSpeculator`: own-cache drafts, full verify
+        (its head as in `verify_head_with_bonus`)."""
+        n = r.drafted
         t = self.round
         for i in range(n):
             fed = r.first_fed if i == 0 else 1
             t += self.draft_forward[min(fed, len(self.draft_forward)) - 1] + self.draft_head
             t += self.step
-        return t + self.layers(self.num_layers, n + 1) + self.verify_head(n + 1, a) + self.step
+        return t + self.layers(self.num_layers, n + 1) + self.verify_head_with_bonus(r) + self.step
 
     def pld_round(self, r: Round) -> float:
         """One round of `strategies.PromptLookupSpeculator`: the drafts are a lookup (no model
         work; its time is in the round overhead), then every layer over the pending token and
         the drafts, and the verify head (lazy: row 0, the other rows only if the first draft is
         accepted, unless that draft was the only one and ended the output: no bonus row)."""
-        n, a = r.drafted, r.accepted
-        t = self.round + self.layers(self.num_layers, n + 1) + self.step
-        bonus_skipped = n == 1 and a == 1 and r.emitted == 1
-        if bonus_skipped and not self.eager_head:
-            return t + self.head[0]
-        return t + self.verify_head(n + 1, a)
+        return (self.round + self.layers(self.num_layers, r.drafted + 1) + self.step
+                + self.verify_head_with_bonus(r))
 
     def decode_seconds(self, rep: Replay, strategy: str, exit_layer: int = 0) -> float:
         if strategy == "pld":

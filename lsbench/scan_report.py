@@ -8,7 +8,9 @@ time over total predicted decode time, acceptance is total accepted over total d
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -176,21 +178,26 @@ def scan_table(df: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     }).reset_index(drop=True)
 
 
-def predicted_vs_measured(scan: pd.DataFrame, results: pd.DataFrame,
-                          points: pd.DataFrame) -> pd.DataFrame:
-    """Per verified point: predicted and measured acceptance, ms/token and speedup, over the
-    examples both files hold (the measured speedup uses the sweep's own baseline)."""
+def compare_points(scan: pd.DataFrame, results: pd.DataFrame,
+                   points: pd.DataFrame) -> pd.DataFrame:
+    """Per point of `points` that `results` measured: predicted and measured acceptance,
+    ms/token and speedup over the examples both files hold, as numbers. The measured speedup
+    uses the sweep's own baseline: its total decode time per token over the point's, and the
+    predicted one the scan's (`surface`); rel_error = predicted / measured speedup - 1.
+    identical_rounds: examples whose every measured run accepted per round exactly what the
+    scan predicted (so rounds, histogram and accepted length agree too); identical_drafted:
+    those whose drafted counts per round agree as well (so the acceptance rate does)."""
     rows = []
+    base = results[results["is_baseline"]]
     for _, p in points.iterrows():
         m = results[(results["strategy"] == p["strategy"])
-                     & (results["exit_layer"] == p["exit_layer"])
-                     & (results["draft_model"] == p["draft_model"])
-                     & (results["num_speculations"] == p["num_speculations"])]
-        base = results[results["is_baseline"]]
+                    & (results["exit_layer"] == p["exit_layer"])
+                    & (results["draft_model"] == p["draft_model"])
+                    & (results["num_speculations"] == p["num_speculations"])]
         ids = set(m["example_id"]) & set(scan["example_id"])
         if not ids:
             continue
-        m, base = m[m["example_id"].isin(ids)], base[base["example_id"].isin(ids)]
+        m, b = m[m["example_id"].isin(ids)], base[base["example_id"].isin(ids)]
         s = scan[(scan["strategy"] == p["strategy"]) & (scan["exit_layer"] == p["exit_layer"])
                  & (scan["draft_model"] == p["draft_model"])
                  & (scan["num_speculations"] == p["num_speculations"])
@@ -199,19 +206,97 @@ def predicted_vs_measured(scan: pd.DataFrame, results: pd.DataFrame,
         drafted = sum(int(sum(v)) for v in m["drafted_per_round"])
         accepted = sum(int(sum(v)) for v in m["accepted_per_round"])
         measured_ms = m["decode_s"].sum() * 1000 / m["decode_tokens"].sum()
-        base_ms = base["decode_s"].sum() * 1000 / base["decode_tokens"].sum()
-        same = sum(list(a) == list(b) for a, b in zip(
-            m.sort_values("example_id")["accepted_per_round"],
-            s.sort_values("example_id")["predicted_accepted_per_round"], strict=False))
+        base_ms = b["decode_s"].sum() * 1000 / b["decode_tokens"].sum()
+        same_accepted = same_drafted = 0
+        for ex, runs in m.groupby("example_id"):
+            row = s[s["example_id"] == ex].iloc[0]
+            acc = all(list(v) == list(row["predicted_accepted_per_round"])
+                      for v in runs["accepted_per_round"])
+            same_accepted += acc
+            same_drafted += acc and all(list(v) == list(row["predicted_drafted_per_round"])
+                                        for v in runs["drafted_per_round"])
+        measured_speedup = base_ms / measured_ms
         rows.append({
-            "point": point_label(p), "examples": len(ids),
-            "predicted acceptance": pred["predicted_acceptance_rate"],
-            "measured acceptance": accepted / drafted if drafted else math.nan,
-            "identical rounds": f"{same}/{len(ids)}",
-            "predicted ms/token": pred["predicted_ms_per_token"],
-            "measured ms/token": measured_ms,
-            "predicted speedup": pred["predicted_speedup"],
-            "measured speedup": base_ms / measured_ms,
-            "rel. error": pred["predicted_speedup"] / (base_ms / measured_ms) - 1,
+            **{key: p[key] for key in ("strategy", "exit_layer", "draft_model",
+                                       "num_speculations")},
+            "confidence_threshold": p.get("confidence_threshold", math.nan),
+            "examples": len(ids), "identical_rounds": same_accepted,
+            "identical_drafted": same_drafted,
+            "predicted_acceptance": pred["predicted_acceptance_rate"],
+            "measured_acceptance": accepted / drafted if drafted else math.nan,
+            "predicted_ms_per_token": pred["predicted_ms_per_token"],
+            "measured_ms_per_token": measured_ms,
+            "predicted_speedup": pred["predicted_speedup"],
+            "measured_speedup": measured_speedup,
+            "rel_error": pred["predicted_speedup"] / measured_speedup - 1,
         })
     return pd.DataFrame(rows)
+
+
+def predicted_vs_measured(scan: pd.DataFrame, results: pd.DataFrame,
+                          points: pd.DataFrame) -> pd.DataFrame:
+    """Per verified point: predicted and measured acceptance, ms/token and speedup, over the
+    examples both files hold (the measured speedup uses the sweep's own baseline)."""
+    c = compare_points(scan, results, points)
+    if c.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "point": c.apply(point_label, axis=1), "examples": c["examples"],
+        "predicted acceptance": c["predicted_acceptance"],
+        "measured acceptance": c["measured_acceptance"],
+        "identical rounds": [f"{a}/{n}" for a, n in zip(c["identical_rounds"], c["examples"],
+                                                        strict=True)],
+        "predicted ms/token": c["predicted_ms_per_token"],
+        "measured ms/token": c["measured_ms_per_token"],
+        "predicted speedup": c["predicted_speedup"],
+        "measured speedup": c["measured_speedup"],
+        "rel. error": c["rel_error"],
+    })
+
+
+@dataclass(frozen=True)
+class GridCheck:
+    """A scan against a fully measured grid of one strategy (`grid_check`)."""
+
+    points: int  # grid points compared
+    example_points: int  # (example, point) pairs compared
+    identical_rounds: int  # of those, with the predicted accepted count in every round
+    identical_drafted: int  # ... and the predicted drafted count in every round too
+    median_abs_rel_error: float  # median over points of |predicted / measured speedup - 1|
+    best_predicted: dict  # exit_layer, num_speculations, predicted and measured speedup
+    best_measured: dict  # the same for the point with the highest measured speedup
+    best_ratio: float  # measured speedup of best_predicted / that of best_measured
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def grid_check(scan: pd.DataFrame, results: pd.DataFrame, strategy: str = "layerskip",
+               best_below_exit: int | None = None) -> GridCheck:
+    """Every point of `strategy` in `results` (a sweep of the scanned model and examples)
+    against the scan (`compare_points`); the best points are chosen among exits below
+    `best_below_exit` (None: all), by predicted and by measured speedup."""
+    runs = results[~results["is_baseline"] & (results["strategy"] == strategy)]
+    keys = ["strategy", "exit_layer", "draft_model", "num_speculations"]
+    table = compare_points(scan, results, runs[keys].drop_duplicates())
+    if table.empty:
+        raise LsbenchError(f"the scan and the results share no measured {strategy} point")
+    pool = table if best_below_exit is None else table[table["exit_layer"] < best_below_exit]
+    if pool.empty:
+        raise LsbenchError(f"no measured {strategy} point below exit layer {best_below_exit}")
+
+    def point(row) -> dict:
+        return {"exit_layer": int(row["exit_layer"]), "num_speculations":
+                int(row["num_speculations"]), "predicted_speedup":
+                float(row["predicted_speedup"]), "measured_speedup":
+                float(row["measured_speedup"])}
+
+    chosen = pool.loc[pool["predicted_speedup"].idxmax()]
+    best = pool.loc[pool["measured_speedup"].idxmax()]
+    return GridCheck(
+        points=len(table), example_points=int(table["examples"].sum()),
+        identical_rounds=int(table["identical_rounds"].sum()),
+        identical_drafted=int(table["identical_drafted"].sum()),
+        median_abs_rel_error=float(table["rel_error"].abs().median()),
+        best_predicted=point(chosen), best_measured=point(best),
+        best_ratio=float(chosen["measured_speedup"] / best["measured_speedup"]))

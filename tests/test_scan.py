@@ -3,16 +3,17 @@ greedy speculative runs round for round, and the priced schedule is the engine's
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from lsbench.costs import CostTable
+from lsbench.costs import CostTable, no_bonus
 from lsbench.generation import DecodingConfig
 from lsbench.models import EarlyExitModel
 from lsbench.prompt_lookup import lookup_drafts
-from lsbench.replay import replay
+from lsbench.replay import Round, replay
 from lsbench.scan import draft_trace, exit_traces
 from lsbench.strategies import generate, generate_speculative
 from tests.conftest import tiny_model
@@ -128,7 +129,7 @@ def test_replay_equals_layerskip_runs_with_stop_tokens_outside_drafts(deep):
 
 
 def test_replay_equals_layerskip_runs_with_stop_tokens_inside_drafts(deep):
-    checked = 0
+    checked = priced = stop_ended = 0
     for prompt, stop, _ in _stop_cases(deep):
         cfg = DecodingConfig(max_new_tokens=24, stop_token_ids=(stop,))
         out, traces = _trace(deep, prompt, cfg)
@@ -141,7 +142,58 @@ def test_replay_equals_layerskip_runs_with_stop_tokens_inside_drafts(deep):
             _check_same_rounds(gen, rep, k)
             _check_drafted_explained(gen.drafted, rep, stop, None)
             checked += 1
-    assert checked > 5
+            if gen.drafted == [r.drafted for r in rep.rounds]:  # no stop token off the path
+                _check_schedule(deep, gen, rep, e, k)  # no bonus work after an accepted stop
+                priced += 1
+                stop_ended += any(no_bonus(r) for r in rep.rounds)
+    assert checked > 5 and priced > 5 and stop_ended > 2
+
+
+def test_a_round_ending_on_an_accepted_stop_draft_prices_no_bonus_token():
+    """`strategies.accept` computes no bonus token when every draft is accepted and the last
+    is a stop token: no head row for it (lazy head, one draft), no deferred bonus pass."""
+    L, k = 4, 3
+    heads = _counting(L, k, head=[float(n) for n in range(1, k + 2)])
+    tokens = _counting(L, k, layer=[float(n) for n in range(1, k + 2)])
+    stop1, more1 = Round(1, 1, 1, False, 0, False), Round(1, 1, 2, False, 0, False)
+    assert no_bonus(stop1) and not no_bonus(more1)
+    assert not no_bonus(Round(2, 1, 2, False, 0, False))  # a rejection: a correction token
+    # Draft model, prompt lookup: verify row 0 only; eager heads compute both rows anyway.
+    assert (heads.spec_round(stop1), heads.spec_round(more1)) == (1, 2)
+    assert (heads.pld_round(stop1), heads.pld_round(more1)) == (1, 2)
+    eager = dataclasses.replace(heads, eager_head=True)
+    assert eager.spec_round(stop1) == eager.spec_round(more1) == 2
+    # layerskip, E = 2, not deferred: one draft head, then verify row 0 only.
+    assert (heads.layerskip_round(stop1, 2), heads.layerskip_round(more1, 2)) == (2, 3)
+    # Deferred, two drafts accepted: no last shallow + deep pass (L layer tokens, one row).
+    stop2, more2 = Round(2, 2, 2, True, 0, False), Round(2, 2, 3, True, 0, False)
+    assert (tokens.layerskip_round(stop2, 2), tokens.layerskip_round(more2, 2)) == (8, 8 + L)
+    assert (heads.layerskip_round(stop2, 2), heads.layerskip_round(more2, 2)) == (4, 5)
+    # E = L: the drafts were the full model's; no extra full pass for a bonus token.
+    assert (tokens.layerskip_round(stop2, L), tokens.layerskip_round(more2, L)) == (8, 12)
+
+
+def test_spec_runs_ending_on_an_accepted_stop_draft_are_priced_as_run(deep):
+    """A draft model with the target's weights: every draft is accepted, and with k = 1 a
+    stop token at an odd position is a round's only draft."""
+    twin = EarlyExitModel(tiny_model(seed=3, num_layers=6))
+    L, stop_ended = deep.num_layers, 0
+    for prompt, stop, _ in _stop_cases(deep):
+        cfg = DecodingConfig(max_new_tokens=24, stop_token_ids=(stop,))
+        out = generate("ar", deep, prompt, cfg).tokens
+        trace = draft_trace(twin, prompt, out)
+        for k in (1, 2, 3):
+            gen = generate_speculative(deep, prompt, cfg, k, draft=twin)
+            assert gen.tokens == out
+            rep = replay(out, trace.argmax.tolist(), k, cfg.max_new_tokens, (stop,))
+            _check_same_rounds(gen, rep, k)
+            assert gen.drafted == [r.drafted for r in rep.rounds]
+            heads = _counting(L, k, head=[float(n) for n in range(1, k + 2)])
+            tokens = _counting(L, k, layer=[float(n) for n in range(1, k + 2)])
+            assert heads.decode_seconds(rep, "spec") == gen.decode_counts.head_tokens
+            assert tokens.decode_seconds(rep, "spec") == sum(gen.decode_counts.layer_tokens)
+            stop_ended += any(no_bonus(r) and r.drafted == 1 for r in rep.rounds)
+    assert stop_ended > 0
 
 
 def _check_drafted_explained(real_drafted, rep, stop, _):

@@ -242,6 +242,60 @@ def test_ab_end_to_end_on_a_micro_budget(monkeypatch, tmp_path):
     assert "| 1 |" in text and "Targets" in text
     assert (tmp_path / "plots" / "acceptance_rate_vs_exit_layer.png").is_file()
     assert (tmp_path / "plots" / "tokens_per_s_vs_exit_layer.png").is_file()
+    for kind in ("baseline", "layerskip"):
+        _check_scan_against_grid(tmp_path / "out", f"tiny-{kind}", numbers["scan"][kind], text)
+    assert set(numbers["scan"]["targets"].values()) <= {True, False}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["scan"] == json.loads(
+        json.dumps(numbers["scan"]))
+
+    # --skip-train: the same twins are swept and scanned again.
+    scan = tmp_path / "out" / "tiny-layerskip.scan.parquet"
+    scan.unlink()
+    again = run_ab(base, Recipe(), tmp_path / "out", tmp_path / "plots", sweep_file=sweep,
+                   train=False, say=lambda _m: None)
+    assert scan.is_file() and set(again["scan"]) == {"baseline", "layerskip", "targets"}
+    assert again["scan"]["layerskip"]["example_points"] == 2 * 4
+
+
+def _check_scan_against_grid(out, name: str, check: dict, text: str) -> None:
+    """The summary's scan numbers, recomputed here from the sweep and scan files."""
+    import statistics
+
+    import pandas as pd
+
+    from lsbench.scan import trace_path
+
+    scan = pd.read_parquet(out / f"{name}.scan.parquet")
+    assert trace_path(out / f"{name}.scan.parquet").is_file()
+    runs = pd.read_parquet(out / f"{name}.parquet")
+    assert set(scan["strategy"]) == {"layerskip", "layerskip-conf"}  # no prompt lookup
+    scan = scan[scan["strategy"] == "layerskip"]
+    base = runs[runs["is_baseline"]]
+    base_ms = base["decode_s"].sum() / base["decode_tokens"].sum()
+    grid = runs[~runs["is_baseline"]]
+    assert set(zip(scan["exit_layer"], scan["num_speculations"], strict=True)) == set(
+        zip(grid["exit_layer"], grid["num_speculations"], strict=True)) == {
+        (e, 4) for e in range(1, 5)}
+    measured, predicted, same = {}, {}, 0
+    for (e, k), g in grid.groupby(["exit_layer", "num_speculations"]):
+        measured[e] = base_ms / (g["decode_s"].sum() / g["decode_tokens"].sum())
+        s = scan[(scan["exit_layer"] == e) & (scan["num_speculations"] == k)]
+        decode = s["new_tokens"] - 1
+        predicted[e] = ((s["baseline_ms_per_token"] * decode).sum()
+                        / (s["predicted_ms_per_token"] * decode).sum())
+        pred = dict(zip(s["example_id"], s["predicted_accepted_per_round"], strict=True))
+        same += sum(list(v) == list(pred[x])
+                    for x, v in zip(g["example_id"], g["accepted_per_round"], strict=True))
+    assert check["example_points"] == len(grid) == 8 and check["identical_rounds"] == same
+    assert check["median_abs_rel_error"] == pytest.approx(
+        statistics.median(abs(predicted[e] / measured[e] - 1) for e in measured))
+    chosen = max((e for e in predicted if e < 4), key=predicted.get)
+    best = max((e for e in measured if e < 4), key=measured.get)
+    assert check["best_predicted"]["exit_layer"] == chosen
+    assert check["best_measured"]["exit_layer"] == best
+    assert check["best_ratio"] == pytest.approx(measured[chosen] / measured[best])
+    assert f"E={chosen} k=4 | {predicted[chosen]:.2f}x / {measured[chosen]:.2f}x | " in text
+    assert f"E={best} k=4 | {measured[best]:.2f}x | {check['best_ratio']:.3f} |" in text
 
 
 def test_train_command_writes_a_named_checkpoint(monkeypatch, tmp_path):
