@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lsbench.errors import LsbenchError
@@ -16,6 +19,7 @@ from lsbench.runner import ProgressEvent
 from lsbench.store import ResultStore
 from tests.test_cli import assert_refused, invoke, sweep_args
 from tests.test_runner import KEY, job_settings, write_jsonl
+from tests.test_scan_cli import scan_args
 
 ray = pytest.importorskip("ray")
 
@@ -73,7 +77,7 @@ def test_a_killed_worker_s_unit_runs_again_elsewhere(cluster, tiny_model_dir: Pa
 
     def on_progress(event: ProgressEvent) -> None:
         events.append(event)
-        if event.phase == "measure" and not killed and workers:
+        if event.phase == "measure" and not killed and workers and len(store.rows()):
             finished = store.rows().worker.iloc[0]
             pids = ray.get([w.pid.remote() for w in workers])
             victim = next(p for p in pids if not finished.endswith(f"pid{p}"))
@@ -99,3 +103,79 @@ def test_ray_refusals(tiny_model_dir: Path, data_file: Path, tmp_path: Path,
     assert_refused(invoke(*sweep_args(tiny_model_dir, data_file, out, "--ray", "local:2")),
                    "--ray needs Ray: pip install 'lsbench[cluster]'")
     assert not out.exists()
+    scan_out = tmp_path / "r.scan.parquet"
+    assert_refused(invoke(*scan_args(tiny_model_dir, data_file, scan_out, "--ray", "local:2")),
+                   "--ray needs Ray: pip install 'lsbench[cluster]'")
+    assert_refused(invoke(*scan_args(tiny_model_dir, data_file, scan_out, "--ray", "there")),
+                   "--ray must be local:N, auto or a cluster ADDRESS")
+    assert not scan_out.exists()
+
+
+def test_ray_resume_refuses_rows_from_another_environment(cluster, tiny_model_dir: Path,
+                                                          data_file: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "env.parquet"
+    assert invoke(*sweep_args(tiny_model_dir, data_file, out, "--limit", 1)).exit_code == 0
+    table = pq.read_table(out)  # as if measured with another torch
+    column = table.schema.get_field_index("torch_version")
+    table = table.set_column(column, "torch_version",
+                             pa.array(["1.0.0"] * table.num_rows, pa.string()))
+    pq.write_table(table, out)
+    snapshot = out.read_bytes()
+    result = invoke(*sweep_args(tiny_model_dir, data_file, out, "--limit", 2, "--ray", "local:2"))
+    # refused once the workers report their environment (as run_job, after loading): the
+    # header and progress came first, then one line
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0])
+    assert "torch_version '1.0.0'" in errors[0] and "--force" in errors[0]
+    assert out.read_bytes() == snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env.parquet"]
+
+
+PREDICTED = ["new_tokens", "predicted_acceptance_rate", "predicted_mean_accepted_len",
+             "predicted_rounds", "predicted_accept_hist", "predicted_drafted_per_round",
+             "predicted_accepted_per_round", "predicted_deferred_per_round",
+             "predicted_offpath_drafts", "trace_ar_mismatches"]
+POINT = ["example_id", "strategy", "exit_layer", "num_speculations", "confidence_threshold"]
+
+
+def test_scan_on_local_ray_predicts_what_one_process_predicts(cluster, tiny_model_dir: Path,
+                                                               data_file: Path,
+                                                               tmp_path: Path) -> None:
+    from lsbench.scan import trace_path
+
+    one, two = tmp_path / "one.scan.parquet", tmp_path / "two.scan.parquet"
+    assert invoke(*scan_args(tiny_model_dir, data_file, one, "--limit", 4)).exit_code == 0
+    result = invoke(*scan_args(tiny_model_dir, data_file, two, "--limit", 4, "--ray", "local:2",
+                               "--verify", 1))
+    assert result.exit_code == 0, result.output
+    a, b = pd.read_parquet(one), pd.read_parquet(two)
+    assert len(b) == len(a) and not b.duplicated(POINT).any()
+    assert list(b.example_index) == list(a.example_index)  # example order, each exactly once
+    assert sorted(set(b.example_index)) == [0, 1, 2, 3]
+    merged = a.merge(b, on=POINT, validate="one_to_one")
+    for col in PREDICTED:
+        assert (merged[f"{col}_x"].map(_plain) == merged[f"{col}_y"].map(_plain)).all(), col
+    ta, tb = pd.read_parquet(trace_path(one)), pd.read_parquet(trace_path(two))
+    assert list(ta.argmax.map(list)) == list(tb.argmax.map(list))
+    assert (a.worker == "").all() and (b.host != "").all()
+    assert b.worker.str.fullmatch(r"w[01]-pid\d+").all() and b.worker.nunique() == 2
+    # an example's baseline and unit costs come from the worker that scanned it
+    assert b.groupby("example_id").worker.nunique().max() == 1
+    assert b.groupby("example_id").cost_table.nunique().max() == 1 and (b.threads == 1).all()
+    # each worker fits its round overhead once and prices every example it scans with it
+    rounds = b.assign(round=b.cost_table.map(lambda t: json.loads(t)["round"]))
+    assert rounds.groupby("worker")["round"].nunique().max() == 1
+    assert (b.predicted_speedup > 0).all()
+    verified = pd.read_parquet(tmp_path / "two.parquet")  # --verify timed on the cluster too
+    assert verified.worker.str.fullmatch(r"w[01]-pid\d+").all()
+    assert "predicted vs measured" in result.output
+
+
+def _plain(value: object) -> object:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return value
