@@ -233,17 +233,19 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
         emit(ProgressEvent("load", done, total, "starting Ray"))
         with ray_workers(ray, target, job, len(units), Worker, job, pending_runs) as workers:
             emit(ProgressEvent("load", done, total, f"{len(workers)} Ray workers loading"))
-            ready = worker_info(ray, workers)
-            if not force:  # as run_job: resume only into rows of this environment
-                for _, expected in ready:
-                    check_stored_environment(stored, expected, store.path)
             if on_workers:
                 on_workers(workers)
-            emit(ProgressEvent("measure", done, total, f"{len(workers)} workers measuring"))
-            hand_out(ray, workers, longest_first(units, ready[0][0]), submit,
+
+            def started(info: tuple[list[int], dict], first: bool) -> None:
+                if not force:  # as run_job: resume only into rows of this environment
+                    check_stored_environment(stored, info[1], store.path)
+                if first:
+                    emit(ProgressEvent("measure", done, total, "workers measuring"))
+
+            hand_out(ray, workers, units, submit,
                      lambda i, rows: finished(i, rows, len(workers)),
                      lambda i: emit(ProgressEvent("measure", done, total, "a worker died; "
-                                                  f"example {i + 1} queued again")))
+                                                  f"example {i + 1} queued again")), started)
         store.compact()
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(todo, total - todo)
@@ -269,15 +271,17 @@ def run_scan_on_ray(spec: ScanSpec, target: RayTarget,
     emit(ProgressEvent("load", 0, n, "starting Ray"))
     with ray_workers(ray, target, spec.job, n, ScanWorker, spec) as workers:
         emit(ProgressEvent("load", 0, n, f"{len(workers)} Ray workers loading"))
-        lengths = worker_info(ray, workers)[0][0]
         if on_workers:
             on_workers(workers)
-        emit(ProgressEvent("measure", 0, n, f"{len(workers)} workers measuring"))
-        hand_out(ray, workers, longest_first(range(n), lengths),
-                 lambda worker, i: worker.scan.remote(i),
+
+        def started(_info: tuple[list[int], dict], first: bool) -> None:
+            if first:
+                emit(ProgressEvent("measure", 0, n, "workers measuring"))
+
+        hand_out(ray, workers, range(n), lambda worker, i: worker.scan.remote(i),
                  lambda i, result: finished(i, result, len(workers)),
                  lambda i: emit(ProgressEvent("measure", len(results), n, "a worker died; "
-                                              f"example {i + 1} queued again")))
+                                              f"example {i + 1} queued again")), started)
     return scan_result([r for i in sorted(results) for r in results[i][0]],
                        [t for i in sorted(results) for t in results[i][1]])
 
@@ -303,48 +307,54 @@ def ray_workers(ray, target: RayTarget, job: JobSpec, wanted: int, actor_class, 
             ray.shutdown()
 
 
-def worker_info(ray, workers: list) -> list:
-    """Every worker's `ready()`, once all have loaded; one line when one failed to start."""
-    try:
-        return ray.get([w.ready.remote() for w in workers])
-    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-        raise LsbenchError(f"a Ray worker failed to start: {one_line(e)}") from None
-    except ray.exceptions.RayTaskError as e:
-        raise LsbenchError(f"a Ray worker failed to start: {one_line(e.cause or e)}") from None
+def hand_out(ray, workers: list, units: Iterable[int], submit: Callable[[object, int], object],
+             finished: Callable[[int, object], None], requeued: Callable[[int], None],
+             started: Callable[[tuple[list[int], dict], bool], None]) -> None:
+    """Hand example units to whichever worker is free (`ray.wait`) until every unit has
+    finished. A worker gets its first unit as soon as it has loaded, without waiting for the
+    others: `started(its ready(), first)` sees it first (and may refuse it), and the first
+    worker's prompt lengths order the units, longest prompt first. `submit(worker, i)` starts
+    unit i, `finished(i, result)` takes its result. A unit whose worker died goes back to the
+    front of the queue (`requeued(i)`) and runs again, whole, on another worker."""
+    dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+    units = list(units)
+    pending = {w.ready.remote(): (w, None) for w in workers}  # None: the worker is loading
+    queue: deque | None = None
+    idle: list = []
+    failed = ""
+    while queue is None or queue or any(i is not None for _, i in pending.values()):
+        while queue is not None and idle and queue:
+            i = queue.popleft()
+            worker = idle.pop()
+            pending[submit(worker, i)] = (worker, i)
+        if not pending:
+            raise LsbenchError(f"a Ray worker failed to start: {failed}" if queue is None
+                               else "every Ray worker died; rerun to resume")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        worker, i = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except dead as e:
+            if i is None:  # died loading: the others may still start
+                failed = one_line(e)
+            else:
+                queue.appendleft(i)
+                requeued(i)
+            continue
+        except ray.exceptions.RayTaskError as e:
+            what = "to start" if i is None else f"on example {i + 1}"
+            raise LsbenchError(f"a Ray worker failed {what}: {one_line(e.cause or e)}") from None
+        if i is None:
+            started(result, queue is None)
+            if queue is None:
+                queue = longest_first(units, result[0])
+        else:
+            finished(i, result)
+        idle.append(worker)
 
 
 def longest_first(examples: Iterable[int], lengths: list[int]) -> deque:
     return deque(sorted(examples, key=lambda i: (-lengths[i], i)))
-
-
-def hand_out(ray, workers: list, queue: deque, submit: Callable[[object, int], object],
-             finished: Callable[[int, object], None], requeued: Callable[[int], None]) -> None:
-    """Hand the example units in `queue` to whichever worker is free (`ray.wait`) until every
-    unit has finished. `submit(worker, i)` starts unit i; `finished(i, result)` takes its
-    result. A unit whose worker died goes back to the front of the queue (`requeued(i)`)
-    and runs again, whole, on another worker."""
-    dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
-    idle, running = list(workers), {}
-    while queue or running:
-        while idle and queue:
-            i = queue.popleft()
-            worker = idle.pop()
-            running[submit(worker, i)] = (worker, i)
-        if not running:
-            raise LsbenchError("every Ray worker died; rerun to resume")
-        ready, _ = ray.wait(list(running), num_returns=1)
-        worker, i = running.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except dead:
-            queue.appendleft(i)
-            requeued(i)
-            continue
-        except ray.exceptions.RayTaskError as e:
-            raise LsbenchError(f"a Ray worker failed on example {i + 1}: "
-                               f"{one_line(e.cause or e)}") from None
-        idle.append(worker)
-        finished(i, result)
 
 
 def _start(ray, target: RayTarget) -> bool:

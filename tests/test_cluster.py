@@ -60,8 +60,9 @@ def test_sweep_on_local_ray_matches_one_process(cluster, tiny_model_dir: Path, d
     assert b.matches_baseline.all()
     assert (a.worker == "").all() and b.worker.str.fullmatch(r"w[01]-pid\d+").all()
     assert b.groupby("example_id").worker.nunique().max() == 1  # a unit stays on one worker
-    # the cluster has 2 CPUs: one core, and one torch thread, per worker
-    assert b.worker.nunique() == 2 and (b.threads == 1).all() and (b.host != "").all()
+    # the cluster has 2 CPUs: one core, and one torch thread, per worker (a worker starts
+    # measuring as soon as it has loaded, so on tiny units one may do them all)
+    assert (b.threads == 1).all() and (b.host != "").all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "two.parquet"]
 
 
@@ -160,13 +161,8 @@ def test_scan_on_local_ray_predicts_what_one_process_predicts(cluster, tiny_mode
     ta, tb = pd.read_parquet(trace_path(one)), pd.read_parquet(trace_path(two))
     assert list(ta.argmax.map(list)) == list(tb.argmax.map(list))
     assert (a.worker == "").all() and (b.host != "").all()
-    assert b.worker.str.fullmatch(r"w[01]-pid\d+").all() and b.worker.nunique() == 2
-    # an example's baseline and unit costs come from the worker that scanned it
+    assert b.worker.str.fullmatch(r"w[01]-pid\d+").all() and (b.threads == 1).all()
     assert b.groupby("example_id").worker.nunique().max() == 1
-    assert b.groupby("example_id").cost_table.nunique().max() == 1 and (b.threads == 1).all()
-    # each worker fits its round overhead once and prices every example it scans with it
-    rounds = b.assign(round=b.cost_table.map(lambda t: json.loads(t)["round"]))
-    assert rounds.groupby("worker")["round"].nunique().max() == 1
     assert (b.predicted_speedup > 0).all()
     verified = pd.read_parquet(tmp_path / "two.parquet")  # --verify timed on the cluster too
     assert verified.worker.str.fullmatch(r"w[01]-pid\d+").all()
@@ -179,3 +175,24 @@ def _plain(value: object) -> object:
     if isinstance(value, float) and value != value:
         return "nan"
     return value
+
+
+def test_each_scan_worker_prices_with_its_own_costs(cluster, tiny_model_dir: Path,
+                                                    data_file: Path) -> None:
+    from lsbench.launchers import run_scan_on_ray
+    from lsbench.scan import scan_spec
+
+    s = job_settings(tiny_model_dir, data_file, data__limit=4, decoding__max_new_tokens=10,
+                     sweep__num_speculations="1:3", sweep__warmup=0)
+    spec = scan_spec(s, 4)
+    # both workers loaded before the first unit goes out, so both scan examples
+    rows = run_scan_on_ray(spec, RayTarget(None, 2),
+                           on_workers=lambda ws: ray.get([w.pid.remote() for w in ws])).rows
+    assert sorted(set(rows.example_index)) == [0, 1, 2, 3] and rows.worker.nunique() == 2
+    # an example's baseline and unit costs come from the one worker that scanned it
+    assert rows.groupby("example_id").worker.nunique().max() == 1
+    assert rows.groupby("example_id").cost_table.nunique().max() == 1
+    assert rows.groupby("example_id").baseline_ms_per_token.nunique().max() == 1
+    # each worker fitted its round overhead once and priced every example it scanned with it
+    rounds = rows.assign(round=rows.cost_table.map(lambda t: json.loads(t)["round"]))
+    assert rounds.groupby("worker")["round"].nunique().max() == 1
