@@ -196,3 +196,17 @@ def test_each_scan_worker_prices_with_its_own_costs(cluster, tiny_model_dir: Pat
     # each worker fitted its round overhead once and priced every example it scanned with it
     rounds = rows.assign(round=rows.cost_table.map(lambda t: json.loads(t)["round"]))
     assert rounds.groupby("worker")["round"].nunique().max() == 1
+
+
+def test_sweep_auto_scans_and_measures_on_the_cluster(cluster, tiny_model_dir: Path,
+                                                     data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auto.parquet"
+    result = invoke("sweep", "--model", tiny_model_dir, "--dataset", f"jsonl:{data_file}",
+                    "--limit", 2, "--max-new-tokens", 8, "-k", "1:2", "--warmup", 0,
+                    "--exit-layers", "auto", "--top", 1, "--ray", "local:2", "--out", out)
+    assert result.exit_code == 0, result.output
+    scanned = pd.read_parquet(tmp_path / "auto.scan.parquet")
+    measured = pd.read_parquet(out)
+    assert sorted(set(scanned.example_index)) == [0, 1] and len(set(measured.run_id)) == 2
+    for df in (scanned, measured):
+        assert df.worker.str.fullmatch(r"w[01]-pid\d+").all()
