@@ -5,7 +5,8 @@ with one thread per worker, and the ratio of their wall times.
                                     [--max-new-tokens 128]
 
 Wall time is the whole job as a user waits for it: loading, warm-up, measuring, storing (and
-starting Ray for the cluster). The measuring phase alone is printed too. Target: ratio <= 0.6
+starting Ray for the cluster), printed as startup (to the first unit handed out), measuring
+(to the last unit stored) and finishing (compaction, stopping Ray). Target: ratio <= 0.6
 on a 2-core machine. Needs lsbench[cluster]. Exit status 0 either way.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lsbench.jobs import JobSpec, Settings, sweep_job
@@ -38,18 +40,38 @@ def build_job(args: argparse.Namespace) -> JobSpec:
     return sweep_job(s, model_num_layers(args.model, None))
 
 
-def timed(run, *call_args, **kwargs) -> tuple[float, float]:
-    """(wall seconds, seconds from the first measured generation on)."""
-    first: list[float] = []
+@dataclass(frozen=True)
+class Timing:
+    wall: float  # the whole job as a user waits for it
+    startup: float  # to the first measured unit: Ray, workers, imports, models, warm-up
+    measuring: float  # from the first unit handed out to the last unit stored
+    finishing: float  # after the last unit: compaction, stopping the workers and Ray
+    marks: tuple[tuple[str, float], ...]  # seconds from the start to each loading step
+
+    def line(self) -> str:
+        steps = ", ".join(f"{what} at {t:.1f} s" for what, t in self.marks)
+        return (f"{self.wall:.1f} s wall = {self.startup:.1f} s startup + {self.measuring:.1f} s "
+                f"measuring + {self.finishing:.1f} s finishing" + (f" ({steps})" if steps
+                                                                   else ""))
+
+
+def timed(run, *call_args, **kwargs) -> Timing:
+    """Time a job through its progress events."""
+    marks: list[tuple[str, float]] = []
+    measure: list[float] = []
+    start = time.perf_counter()
 
     def on_progress(event: ProgressEvent) -> None:
-        if event.phase == "measure" and not first:
-            first.append(time.perf_counter())
+        now = time.perf_counter() - start
+        if event.phase == "measure":
+            measure.append(now)
+        elif event.phase in ("load", "warmup") and (not marks or marks[-1][0] != event.detail):
+            marks.append((event.detail, now))
 
-    start = time.perf_counter()
     run(*call_args, on_progress=on_progress, **kwargs)
-    end = time.perf_counter()
-    return end - start, end - (first[0] if first else start)
+    wall = time.perf_counter() - start
+    first, last = (measure[0], measure[-1]) if measure else (wall, wall)
+    return Timing(wall, first, last - first, wall - last, tuple(marks[:4]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,15 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     load_tokenizer(job.model)  # a GGUF model is converted once, outside both timings
     with tempfile.TemporaryDirectory(prefix="lsbench-bench-cluster-") as tmp:
         one = timed(run_job, job, ResultStore(Path(tmp) / "one.parquet"))
-        print(f"1 worker, 1 thread: {one[0]:.1f} s wall ({one[1]:.1f} s measuring)", flush=True)
+        print(f"1 worker, 1 thread: {one.line()}", flush=True)
         two = timed(run_job_on_ray, job, ResultStore(Path(tmp) / "two.parquet"),
                     RayTarget(None, 2))
-        print(f"--ray local:2, 1 thread each: {two[0]:.1f} s wall ({two[1]:.1f} s measuring)",
-              flush=True)
-    ratio = two[0] / one[0]
+        print(f"--ray local:2, 1 thread each: {two.line()}", flush=True)
+    ratio = two.wall / one.wall
     print(f"wall time ratio (ray local:2 / 1 worker): {ratio:.2f} (target <= {TARGET_RATIO}: "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}); measuring only: "
-          f"{two[1] / one[1]:.2f}")
+          f"{two.measuring / one.measuring:.2f}; startup + finishing: "
+          f"{two.startup + two.finishing:.1f} s against {one.startup + one.finishing:.1f} s")
 
 
 if __name__ == "__main__":

@@ -307,10 +307,10 @@ def sweep(
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
         if s.get("sweep", "exit_layers") == "auto":
-            if shard is not None or ray is not None or device_map is not None:
-                raise LsbenchError("--exit-layers auto scans and measures in this process; "
-                                   "drop --shard, --ray and --device-map")
-            _auto_sweep(s, top, out, force)
+            if shard is not None or device_map is not None:
+                raise LsbenchError("--exit-layers auto scans first; drop --shard and "
+                                   "--device-map")
+            _auto_sweep(s, top, out, force, ray)
         elif top is not None:
             raise LsbenchError("--top needs --exit-layers auto")
         else:
@@ -388,6 +388,7 @@ def scan(
     threads: Threads = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Scan file (default "
                    "results/<name>.scan.parquet; traces go to <out>.trace.parquet).")] = None,
+    ray: Ray = None,
 ) -> None:
     """Predict the whole exit-layer x k surface (greedy) from one teacher-forced pass per
     example: exact acceptance and rounds, and speedup priced with measured unit costs."""
@@ -402,12 +403,24 @@ def scan(
             ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
             ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
             ("", "threads"): threads})
-        _scan(s, draft or [], thresholds, verify, out, pld=pld)
+        _scan(s, draft or [], thresholds, verify, out, pld=pld, ray_text=ray)
 
     _guarded(body, out)
 
 
-def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool) -> None:
+def _ray_target(ray_text: str | None):
+    """--ray parsed, and the install hint before anything is loaded; None without --ray."""
+    if ray_text is None:
+        return None
+    from lsbench.launchers import import_ray, parse_ray
+
+    target = parse_ray(ray_text)
+    import_ray()
+    return target
+
+
+def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool,
+                ray_text: str | None = None) -> None:
     """`sweep --exit-layers auto --top N`: scan every exit layer, measure the N best points."""
     from lsbench import scan_report
     from lsbench.scan import verify_job
@@ -422,12 +435,12 @@ def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool) -
     settings.override("", "name", name)
     path = out_path or Path("results") / f"{name}.parquet"
     scan_path = path.with_name(path.name.removesuffix(".parquet") + ".scan.parquet")
-    spec, rows, _ = _scan(settings, [], None, 0, scan_path)
+    spec, rows, _ = _scan(settings, [], None, 0, scan_path, ray_text=ray_text)
     job = verify_job(spec, scan_report.top_points(rows, top))
     store = ResultStore(path)
     if force:
         store.drop_runs({job.run_id(r) for r in job.runs})
-    _run_job_with_progress(job, store, "sweep")
+    _run_job_with_progress(job, store, "sweep", _ray_target(ray_text))
     df = store.rows()
     _print_sweep_table(df[df.run_id.isin({job.run_id(r) for r in job.runs})])
 
@@ -444,7 +457,7 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...]:
 
 
 def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
-          out_path: Path | None, *, pld: bool = True):
+          out_path: Path | None, *, pld: bool = True, ray_text: str | None = None):
     """Run a scan with a progress bar, write its files, print its tables; returns the spec,
     the scan rows and the path."""
     from lsbench import scan_report
@@ -461,6 +474,7 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
         raise LsbenchError(SAMPLING_REFUSED)
     if verify < 0:
         raise LsbenchError(f"--verify must be >= 0, got {verify}")
+    ray_target = _ray_target(ray_text)
     check_dataset(settings.get("data", "dataset", "lee-news"))
     for ref in drafts:
         locate_model(ref)
@@ -484,7 +498,12 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
             progress.update(task, total=event.total or None, completed=event.done,
                             description=escape(f"{event.phase}: {event.detail}"))
 
-        result = run_scan(spec, on_progress)
+        if ray_target is not None:
+            from lsbench.launchers import run_scan_on_ray
+
+            result = run_scan_on_ray(spec, ray_target, on_progress)
+        else:
+            result = run_scan(spec, on_progress)
     written = write_scan(result, path)
     for p in written:
         err.print(f"wrote {escape(str(p))}", highlight=False)
@@ -492,11 +511,11 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
                  "examples; regret against the per-example oracle)")
     _print_frame(scan_report.scan_table(result.rows, 10), "best predicted points")
     if verify:
-        _verify(spec, result.rows, verify, path)
+        _verify(spec, result.rows, verify, path, ray_target)
     return spec, result.rows, path
 
 
-def _verify(spec, rows, n: int, scan_path: Path) -> None:
+def _verify(spec, rows, n: int, scan_path: Path, ray_target=None) -> None:
     """Time the n best predicted points plus two random ones the ordinary way."""
     from lsbench import scan_report
     from lsbench.scan import verify_job
@@ -507,15 +526,23 @@ def _verify(spec, rows, n: int, scan_path: Path) -> None:
     results_path = scan_path.with_name(scan_path.name.replace(".scan.parquet", ".parquet")
                                        if scan_path.name.endswith(".scan.parquet")
                                        else scan_path.stem + ".verify.parquet")
-    _run_job_with_progress(job, ResultStore(results_path), "verify")
+    _run_job_with_progress(job, ResultStore(results_path), "verify", ray_target)
     measured = ResultStore(results_path).rows()
     measured = measured[measured.run_id.isin({job.run_id(r) for r in job.runs})]
     _print_frame(scan_report.predicted_vs_measured(rows, measured, points),
                  f"predicted vs measured ({escape(str(results_path))})")
 
 
-def _run_job_with_progress(job, store, title: str) -> None:
+def _run_job_with_progress(job, store, title: str, ray_target=None) -> None:
+    from functools import partial
+
     from lsbench.runner import run_job
+
+    run = run_job
+    if ray_target is not None:
+        from lsbench.launchers import run_job_on_ray
+
+        run = partial(run_job_on_ray, target=ray_target)
 
     err.print(f"[bold]{title}[/] {len(job.runs)} runs -> {escape(str(store.path))}",
               highlight=False)
@@ -527,7 +554,7 @@ def _run_job_with_progress(job, store, title: str) -> None:
             progress.update(task, total=event.total or None, completed=event.done,
                             description=escape(f"{event.phase}: {event.detail}"))
 
-        run_job(job, store, on_progress=on_progress)
+        run(job, store, on_progress=on_progress)
 
 
 def _print_frame(frame, title: str) -> None:

@@ -1,4 +1,4 @@
-"""Runs a job on a Ray cluster (`--ray local:N | auto | ADDRESS`).
+"""Runs a job or a scan on a Ray cluster (`--ray local:N | auto | ADDRESS`).
 
 Each worker is a Ray actor that owns one device: one GPU (`num_gpus=1`), or on CPUs a disjoint
 set of cores, pinned with CPU affinity and matched by torch's thread count. It loads the models
@@ -7,8 +7,10 @@ every speedup is still taken against a baseline measured in the same process on 
 device. Units go out longest prompt first to whichever worker is free (`ray.wait`); a unit's
 rows come back together, and the driver alone writes them to the store. When a worker dies its
 unit goes back to the queue and runs, whole, on another worker: nothing is lost, nothing is
-duplicated, and each example's rows come from one worker. Never prints: progress goes to a
-callback.
+duplicated, and each example's rows come from one worker. A scan's unit is one example too:
+its timed baseline and teacher-forced pass, priced with unit costs its worker measured (each
+worker fits its round overhead once, on the first example, as a scan in one process does).
+Never prints: progress goes to a callback.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ import re
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lsbench.data import load_examples
 from lsbench.errors import LsbenchError, one_line
 from lsbench.jobs import JobSpec, RunSpec
 from lsbench.runner import (
     JobOutcome,
     ProgressEvent,
     begin_job,
+    check_stored_environment,
+    expected_environments,
     measure_unit,
     pending_units,
     prepare_job,
@@ -36,6 +42,15 @@ from lsbench.runner import (
     stored_baselines,
     validate,
     warm_up,
+)
+from lsbench.scan import (
+    ScanResult,
+    ScanSpec,
+    calibrate_scan,
+    prepare_scan,
+    scan_example,
+    scan_result,
+    validate_scan,
 )
 from lsbench.store import ResultStore
 
@@ -103,19 +118,29 @@ def _try_claim(count: int) -> tuple[list[int], list[int]]:
     raise LsbenchError(f"no {count} free CPU cores left on this machine for another worker")
 
 
-class Worker:
-    """One Ray actor: one device, the job's models loaded once."""
+def _own_device(cores: int, cwd: str) -> None:
+    """An actor's first step: the user's directory, and on CPUs its own pinned cores with as
+    many torch threads (held until the actor exits)."""
+    import torch
 
-    def __init__(self, job: JobSpec, index: int, cores: int, runs: list[RunSpec], cwd: str):
+    if os.path.isdir(cwd):  # relative model and data paths mean what they mean to the user
+        os.chdir(cwd)
+    if cores:
+        pinned, _CORE_LOCKS[:] = claim_cores(cores)
+        os.sched_setaffinity(0, pinned)
+        torch.set_num_threads(len(pinned))
+
+
+_CORE_LOCKS: list[int] = []  # this actor process's core flocks (see claim_cores)
+
+
+class Worker:
+    """One Ray actor of a sweep or compare job: one device, the job's models loaded once."""
+
+    def __init__(self, index: int, cores: int, cwd: str, job: JobSpec, runs: list[RunSpec]):
         import torch
 
-        if os.path.isdir(cwd):  # relative model and data paths mean what they mean to the user
-            os.chdir(cwd)
-        self._core_locks: list[int] = []
-        if cores:  # a CPU worker: its own cores, and as many torch threads
-            pinned, self._core_locks = claim_cores(cores)
-            os.sched_setaffinity(0, pinned)
-            torch.set_num_threads(len(pinned))
+        _own_device(cores, cwd)
         self.prepared = prepare_job(job)
         if cores:
             torch.set_num_threads(cores)  # a job's --threads must not oversubscribe the cores
@@ -126,12 +151,38 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def ready(self) -> tuple[list[int], dict]:
+        """Prompt lengths (the order units go out in) and the environment of this worker's
+        rows (what resuming into a file must match)."""
+        return ([len(p.ids) for p in self.prepared.prompts],
+                expected_environments(self.prepared.job, self.prepared))
+
     def measure(self, example_index: int, repeats: list[int], done: set, baselines: dict
                 ) -> list[dict]:
         rows: list[dict] = []
         for rep in repeats:
             rows += measure_unit(self.prepared, example_index, rep, done, baselines)
         return rows
+
+
+class ScanWorker:
+    """One Ray actor of a scan: one device, the models loaded once, the round overhead fitted
+    once in this process; every example it scans is priced with unit costs it measured."""
+
+    def __init__(self, index: int, cores: int, cwd: str, spec: ScanSpec):
+        _own_device(cores, cwd)
+        self.session = prepare_scan(spec)
+        self.session.env["worker"] = f"w{index}-pid{os.getpid()}"
+        calibrate_scan(self.session)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ready(self) -> tuple[list[int], dict]:
+        return [len(p.ids) for p in self.session.prompts], {}
+
+    def scan(self, example_index: int) -> tuple[list[dict], list[dict]]:
+        return scan_example(self.session, example_index)
 
 
 def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force: bool = False,
@@ -143,16 +194,9 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
     emit = on_progress or (lambda _event: None)
     validate(job)
     with store.locked():
-        begin_job(job, store, force)
-        emit(ProgressEvent("load", 0, 0, "starting Ray"))
-        # The driver loads data, not models: prompt lengths order the units.
-        from lsbench.data import build_prompt, load_examples
-        from lsbench.models import load_tokenizer
-
+        begin_job(job, store, force)  # the prologue run_job has
+        # The driver loads data, no model: the workers report prompt lengths.
         examples, _ = load_examples(job.dataset)
-        tokenizer = load_tokenizer(job.model, job.revision)
-        lengths = [len(build_prompt(tokenizer, ex.article, job.max_input_tokens).ids)
-                   for ex in examples]
         done_keys = store.completed_keys()
         selected = set(shard_examples(len(examples), shard))
         units: dict[int, list[int]] = {}
@@ -166,63 +210,151 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
         if not units:
             emit(ProgressEvent("done", done, total, "done"))
             return JobOutcome(0, total)
-        queue = deque(sorted(units, key=lambda i: (-lengths[i], i)))  # longest prompt first
+        stored = store.rows()
         # A stored baseline pairs with a worker's runs only if measured in that worker's
         # environment (measure_unit checks it).
-        baselines = stored_baselines(job, store.rows())
+        baselines = stored_baselines(job, stored)
         pending_runs = [r for r in job.runs
                         if any((job.run_id(r), examples[i].example_id, rep) not in done_keys
                                for i, reps in units.items() for rep in reps)]
 
-        started = _start(ray, target)
-        dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
-        workers: list = []
-        try:
-            workers = _spawn(ray, job, target, pending_runs, min(len(queue), _capacity(ray, job,
-                                                                                       target)))
+        def submit(worker, i: int):
+            keys = {k for k in done_keys if k[1] == examples[i].example_id}
+            base = {k: v for k, v in baselines.items() if k[1] == examples[i].example_id}
+            return worker.measure.remote(i, units[i], keys, base)
+
+        def finished(i: int, rows: list[dict], workers: int) -> None:
+            nonlocal done
+            store.append(rows)  # a unit's rows together, as run_job stores them
+            done += len(rows)
+            emit(ProgressEvent("measure", done, total,
+                               f"{workers} workers · example {i + 1}/{len(examples)}"))
+
+        emit(ProgressEvent("load", done, total, "starting Ray"))
+        with ray_workers(ray, target, job, len(units), Worker, job, pending_runs) as workers:
             emit(ProgressEvent("load", done, total, f"{len(workers)} Ray workers loading"))
-            try:
-                ray.get([w.pid.remote() for w in workers])
-            except dead as e:
-                raise LsbenchError(f"a Ray worker failed to start: {one_line(e)}") from None
             if on_workers:
                 on_workers(workers)
-            idle, running = list(workers), {}
-            while queue or running:
-                while idle and queue:
-                    i = queue.popleft()
-                    keys = {k for k in done_keys if k[1] == examples[i].example_id}
-                    base = {k: v for k, v in baselines.items() if k[1] == examples[i].example_id}
-                    worker = idle.pop()
-                    running[worker.measure.remote(i, units[i], keys, base)] = (worker, i)
-                if not running:
-                    raise LsbenchError("every Ray worker died; rerun to resume")
-                ready, _ = ray.wait(list(running), num_returns=1)
-                worker, i = running.pop(ready[0])
-                try:
-                    rows = ray.get(ready[0])
-                except dead:
-                    queue.appendleft(i)  # the unit runs again, whole, on another worker
-                    emit(ProgressEvent("measure", done, total,
-                                       f"a worker died; example {i + 1} queued again"))
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    raise LsbenchError(f"a Ray worker failed on example {i + 1}: "
-                                       f"{one_line(e.cause or e)}") from None
-                for row in rows:
-                    store.append([row])
-                done += len(rows)
-                idle.append(worker)
-                emit(ProgressEvent("measure", done, total,
-                                   f"{len(workers)} workers · example {i + 1}/{len(examples)}"))
-        finally:
-            for w in workers:
-                ray.kill(w)
-            if started:
-                ray.shutdown()
+
+            def started(info: tuple[list[int], dict], first: bool) -> None:
+                if not force:  # as run_job: resume only into rows of this environment
+                    check_stored_environment(stored, info[1], store.path)
+                if first:
+                    emit(ProgressEvent("measure", done, total, "workers measuring"))
+
+            hand_out(ray, workers, units, submit,
+                     lambda i, rows: finished(i, rows, len(workers)),
+                     lambda i: emit(ProgressEvent("measure", done, total, "a worker died; "
+                                                  f"example {i + 1} queued again")), started)
         store.compact()
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(todo, total - todo)
+
+
+def run_scan_on_ray(spec: ScanSpec, target: RayTarget,
+                    on_progress: Callable[[ProgressEvent], None] | None = None,
+                    on_workers: Callable[[list], None] | None = None) -> ScanResult:
+    """run_scan's result on a Ray cluster: each example scanned whole by one worker, against
+    its own baseline and unit costs; the driver gathers the rows in example order."""
+    ray = import_ray()
+    emit = on_progress or (lambda _event: None)
+    validate_scan(spec)
+    examples, _ = load_examples(spec.job.dataset)
+    n = len(examples)
+    results: dict[int, tuple[list[dict], list[dict]]] = {}
+
+    def finished(i: int, result: tuple[list[dict], list[dict]], workers: int) -> None:
+        results[i] = result
+        emit(ProgressEvent("measure", len(results), n,
+                           f"{workers} workers · example {i + 1}/{n}"))
+
+    emit(ProgressEvent("load", 0, n, "starting Ray"))
+    with ray_workers(ray, target, spec.job, n, ScanWorker, spec) as workers:
+        emit(ProgressEvent("load", 0, n, f"{len(workers)} Ray workers loading"))
+        if on_workers:
+            on_workers(workers)
+
+        def started(_info: tuple[list[int], dict], first: bool) -> None:
+            if first:
+                emit(ProgressEvent("measure", 0, n, "workers measuring"))
+
+        hand_out(ray, workers, range(n), lambda worker, i: worker.scan.remote(i),
+                 lambda i, result: finished(i, result, len(workers)),
+                 lambda i: emit(ProgressEvent("measure", len(results), n, "a worker died; "
+                                              f"example {i + 1} queued again")), started)
+    return scan_result([r for i in sorted(results) for r in results[i][0]],
+                       [t for i in sorted(results) for t in results[i][1]])
+
+
+# --- the machinery both drivers share ------------------------------------------------------
+
+@contextmanager
+def ray_workers(ray, target: RayTarget, job: JobSpec, wanted: int, actor_class, *args
+                ) -> Iterator[list]:
+    """Up to `wanted` actors of `actor_class(index, cores, cwd, *args)`, as many as the cluster
+    has devices (or core sets) for; killed at the end, and a cluster this call started shut
+    down."""
+    started = _start(ray, target)
+    workers: list = []
+    try:
+        workers = _spawn(ray, job, target, actor_class, args,
+                         min(wanted, _capacity(ray, job, target)))
+        yield workers
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if started:
+            ray.shutdown()
+
+
+def hand_out(ray, workers: list, units: Iterable[int], submit: Callable[[object, int], object],
+             finished: Callable[[int, object], None], requeued: Callable[[int], None],
+             started: Callable[[tuple[list[int], dict], bool], None]) -> None:
+    """Hand example units to whichever worker is free (`ray.wait`) until every unit has
+    finished. A worker gets its first unit as soon as it has loaded, without waiting for the
+    others: `started(its ready(), first)` sees it first (and may refuse it), and the first
+    worker's prompt lengths order the units, longest prompt first. `submit(worker, i)` starts
+    unit i, `finished(i, result)` takes its result. A unit whose worker died goes back to the
+    front of the queue (`requeued(i)`) and runs again, whole, on another worker."""
+    dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+    units = list(units)
+    pending = {w.ready.remote(): (w, None) for w in workers}  # None: the worker is loading
+    queue: deque | None = None
+    idle: list = []
+    failed = ""
+    while queue is None or queue or any(i is not None for _, i in pending.values()):
+        while queue is not None and idle and queue:
+            i = queue.popleft()
+            worker = idle.pop()
+            pending[submit(worker, i)] = (worker, i)
+        if not pending:
+            raise LsbenchError(f"a Ray worker failed to start: {failed}" if queue is None
+                               else "every Ray worker died; rerun to resume")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        worker, i = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except dead as e:
+            if i is None:  # died loading: the others may still start
+                failed = one_line(e)
+            else:
+                queue.appendleft(i)
+                requeued(i)
+            continue
+        except ray.exceptions.RayTaskError as e:
+            what = "to start" if i is None else f"on example {i + 1}"
+            raise LsbenchError(f"a Ray worker failed {what}: {one_line(e.cause or e)}") from None
+        if i is None:
+            started(result, queue is None)
+            if queue is None:
+                queue = longest_first(units, result[0])
+        else:
+            finished(i, result)
+        idle.append(worker)
+
+
+def longest_first(examples: Iterable[int], lengths: list[int]) -> deque:
+    return deque(sorted(examples, key=lambda i: (-lengths[i], i)))
 
 
 def _start(ray, target: RayTarget) -> bool:
@@ -267,10 +399,11 @@ def _capacity(ray, job: JobSpec, target: RayTarget) -> int:
                                                                                    target))
 
 
-def _spawn(ray, job: JobSpec, target: RayTarget, runs: list[RunSpec], count: int) -> list:
+def _spawn(ray, job: JobSpec, target: RayTarget, actor_class, args: tuple, count: int
+           ) -> list:
     if _use_gpus(ray, job):
-        actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(Worker)
-        return [actor.remote(job, i, 0, runs, os.getcwd()) for i in range(count)]
+        actor = ray.remote(num_gpus=1, num_cpus=1, max_restarts=0)(actor_class)
+        return [actor.remote(i, 0, os.getcwd(), *args) for i in range(count)]
     cores = _cores_per_worker(ray, job, target)
-    actor = ray.remote(num_cpus=cores, max_restarts=0)(Worker)
-    return [actor.remote(job, i, cores, runs, os.getcwd()) for i in range(count)]
+    actor = ray.remote(num_cpus=cores, max_restarts=0)(actor_class)
+    return [actor.remote(i, cores, os.getcwd(), *args) for i in range(count)]

@@ -14,12 +14,14 @@ import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# The copy lives in a torch-only module: peak_gbps's child process imports it without
+# transformers (seconds of start-up per process). Re-exported for callers of metrics.
+from lsbench.bandwidth import COPY_BYTES, measure_copy_gbps  # noqa: F401
 from lsbench.errors import LsbenchError
 from lsbench.models import EarlyExitModel, EvalCounts
 
@@ -132,38 +134,6 @@ def count_weight_bytes(wm: WeightModel, counts: EvalCounts) -> int:
             + counts.head_calls * wm.head_bytes + counts.embed_tokens * wm.embed_row_bytes)
 
 
-# Copy sizes well past the last-level cache (this CPU's L3 is 260 MiB; an H200's L2 is 60 MB).
-COPY_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
-
-
-def measure_copy_gbps(device: torch.device | str, nbytes: int | None = None,
-                      repeats: int = 5) -> float:
-    """Best-of-`repeats` memory copy bandwidth of `device` in GB/s, in this process. A copy of
-    n bytes moves 2n (read + write), counted as STREAM's copy and CUDA's bandwidthTest count
-    it. The device is synchronised around every timed copy."""
-    dev = torch.device(device)
-    n = (nbytes or COPY_BYTES.get(dev.type, COPY_BYTES["cpu"])) // 4
-    src = torch.ones(n, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # faults the destination's pages in: not timed
-    best = math.inf
-    for _ in range(repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()  # leave no reserved memory behind for the peak-memory columns
-    return 2 * n * 4 / best / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_gbps(device: torch.device | str) -> float:
     """The roofline's peak for `device`, measured once per process. On CPU the copy runs in a
     child process with this process's thread count: a large copy here would inflate the
@@ -179,7 +149,7 @@ def _peak_gbps(device: str) -> float:
     if torch.device(device).type != "cpu":
         return measure_copy_gbps(device)
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            "from lsbench.metrics import measure_copy_gbps; print(measure_copy_gbps('cpu'))")
+            "from lsbench.bandwidth import measure_copy_gbps; print(measure_copy_gbps('cpu'))")
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}

@@ -280,16 +280,25 @@ def stored_baselines(job: JobSpec, df: pd.DataFrame) -> dict[tuple[str, str, int
 def check_resume_environment(job: JobSpec, df: pd.DataFrame, prepared: PreparedJob,
                              path: object) -> None:
     """Refuse, in one line, to add rows to runs stored under another environment."""
-    ids = {job.run_id(r): r for r in job.runs}
-    mine = df[df.run_id.isin(ids)]
-    for row in mine.to_dict("records"):
-        expected = {**prepared.env, "draft_revision": _draft_revision(prepared.loaded,
-                                                                      ids[row["run_id"]])}
+    check_stored_environment(df, expected_environments(job, prepared), path)
+
+
+def expected_environments(job: JobSpec, prepared: PreparedJob) -> dict[str, dict]:
+    """Per run id of `job`: the ENV_KEYS values of the rows this process measures."""
+    return {job.run_id(r): {**{k: prepared.env[k] for k in ENV_KEYS if k in prepared.env},
+                            "draft_revision": _draft_revision(prepared.loaded, r)}
+            for r in job.runs}
+
+
+def check_stored_environment(df: pd.DataFrame, expected: dict[str, dict], path: object) -> None:
+    """check_resume_environment against `expected_environments` (of any process)."""
+    for row in df[df.run_id.isin(expected)].to_dict("records"):
         for key in ENV_KEYS:
-            if _norm(row.get(key)) != _norm(expected[key]):
+            want = expected[row["run_id"]][key]
+            if _norm(row.get(key)) != _norm(want):
                 raise LsbenchError(
                     f"results file {path} holds rows of this job measured with {key} "
-                    f"{row.get(key)!r}, this process has {expected[key]!r}; rows from two "
+                    f"{row.get(key)!r}, this process has {want!r}; rows from two "
                     "environments are never compared: rerun with --force to measure them "
                     "again, or choose another --out")
 

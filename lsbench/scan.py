@@ -268,12 +268,47 @@ class ScanResult:
     traces: pd.DataFrame
 
 
-def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None = None,
-             ) -> ScanResult:
-    emit = on_progress or (lambda _e: None)
-    job = spec.job
-    validate(dataclasses.replace(job, runs=(BASELINE, *(
+@dataclass(frozen=True)
+class _Measured:
+    """One example's measured part: the timed greedy baseline, the traces over its output,
+    and unit costs measured at its context (step overhead fitted to that baseline)."""
+
+    ar: Generation
+    traces: list[TokenTrace]
+    draft_traces: dict[str, TokenTrace]
+    context: list[int]
+    costs: CostTable
+
+
+@dataclass
+class ScanSession:
+    """A scan prepared in one process: data, models loaded once, warmed up. Every unit cost and
+    baseline it prices with is measured in this process (`scan_example`)."""
+
+    spec: ScanSpec
+    examples: list
+    fingerprint: str
+    prompts: list
+    model: EarlyExitModel
+    drafts: dict[str, EarlyExitModel]
+    cfg: DecodingConfig
+    env: dict
+    points: list[Point]
+    calib: tuple[int, int]  # (E, k) of the measured layerskip run that fits the round overhead
+    round_overhead: float | None = None
+    first: _Measured | None = None  # the calibration example's measurement, used once
+
+
+def validate_scan(spec: ScanSpec) -> None:
+    validate(dataclasses.replace(spec.job, runs=(BASELINE, *(
         dataclasses.replace(BASELINE, strategy="spec", draft_model=d) for d in spec.drafts))))
+
+
+def prepare_scan(spec: ScanSpec, emit: Callable[[ProgressEvent], None] = lambda _e: None
+                 ) -> ScanSession:
+    """Load the data and the models once and warm up (`job.warmup` short ar and layerskip
+    generations on the first prompt)."""
+    job = spec.job
     if job.threads:
         torch.set_num_threads(job.threads)
     emit(ProgressEvent("load", 0, 0, f"loading {job.model}"))
@@ -282,55 +317,101 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
                  for d in spec.drafts)
     loaded = load_job_models(dataclasses.replace(job, runs=(BASELINE, *runs)))
     model = loaded.adapter
-    drafts = {name: entry[1] for name, entry in loaded.drafts.items()}
     prompts = [build_prompt(loaded.target.tokenizer, ex.article, job.max_input_tokens)
                for ex in examples]
     cfg = DecodingConfig(**{**job.decoding.__dict__,
                             "stop_token_ids": stop_token_ids(loaded.target)})
-    env = environment(model.device, model.dtype)
-    points = scan_points(spec)
+    session = ScanSession(
+        spec, examples, fingerprint, prompts, model,
+        {name: entry[1] for name, entry in loaded.drafts.items()}, cfg,
+        environment(model.device, model.dtype), scan_points(spec),
+        (spec.exit_layers[len(spec.exit_layers) // 2], min(4, max(spec.ks))))
     warm = DecodingConfig(**{**cfg.__dict__, "max_new_tokens": min(cfg.max_new_tokens, 16)})
-    calib_e, calib_k = spec.exit_layers[len(spec.exit_layers) // 2], min(4, max(spec.ks))
+    calib_e, calib_k = session.calib
     for _ in range(max(job.warmup, 1)):
         emit(ProgressEvent("warmup", 0, len(examples), "ar"))
         generate("ar", model, prompts[0].ids, warm)
         generate("layerskip", model, prompts[0].ids, warm, k=calib_k, exit_layer=calib_e)
-    rows, trace_rows = [], []
-    round_overhead: float | None = None
-    max_tokens = max(spec.ks) + 1
-    for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True)):
-        emit(ProgressEvent("measure", i, len(examples), f"example {i + 1}/{len(examples)}"))
-        ar = generate("ar", model, prompt.ids, cfg)
-        out = ar.tokens
-        traces = exit_traces(model, prompt.ids, out)
-        d_traces = {name: draft_trace(d, prompt.ids, out) for name, d in drafts.items()}
-        context = [*prompt.ids, *out[: len(out) // 2]]
-        costs = fit_step_overhead(measure_cost_table(model, context, max_tokens), ar)
-        if round_overhead is None:  # one measured layerskip run fixes the per-round overhead
-            gen = generate("layerskip", model, prompt.ids, cfg, k=calib_k, exit_layer=calib_e)
-            rep = replay_point(Point("layerskip", calib_k, calib_e), out, traces, d_traces, cfg)
-            round_overhead = fit_round_overhead(costs, gen, rep, calib_e).round
-        costs = costs.with_overheads(round=round_overhead)
-        draft_costs = {name: with_draft_costs(costs, d, context) for name, d in drafts.items()}
-        identity = {"scan_name": job.name, "model": job.model,
-                    "model_num_layers": model.num_layers, "dataset": job.dataset.name,
-                    "dataset_fingerprint": fingerprint, "example_id": ex.example_id,
-                    "example_index": i, "max_new_tokens": cfg.max_new_tokens,
-                    "prompt_tokens": len(prompt.ids)}
-        stamp = {**env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
-            timespec="seconds")}
-        for row in predict_rows(points, out, traces, d_traces, cfg, costs, _ms_per_token(ar),
-                                draft_costs, prompt.ids):
-            rows.append({**identity, **row, **stamp})
-        common = {**identity, "stop_token_ids": list(cfg.stop_token_ids), "output_ids": out}
-        for e, t in enumerate(traces, start=1):
-            trace_rows.append({**common, "source": "exit", "exit_layer": e, "draft_model": "",
-                               **_trace_lists(t)})
-        for name, t in d_traces.items():
-            trace_rows.append({**common, "source": "draft", "exit_layer": 0,
-                               "draft_model": name, **_trace_lists(t)})
-        emit(ProgressEvent("measure", i + 1, len(examples), f"example {i + 1}/{len(examples)}"))
+    return session
+
+
+def _measure(session: ScanSession, i: int) -> _Measured:
+    model, prompt, cfg = session.model, session.prompts[i], session.cfg
+    ar = generate("ar", model, prompt.ids, cfg)
+    out = ar.tokens
+    traces = exit_traces(model, prompt.ids, out)
+    d_traces = {name: draft_trace(d, prompt.ids, out) for name, d in session.drafts.items()}
+    context = [*prompt.ids, *out[: len(out) // 2]]
+    costs = fit_step_overhead(measure_cost_table(model, context, max(session.spec.ks) + 1), ar)
+    return _Measured(ar, traces, d_traces, context, costs)
+
+
+def calibrate_scan(session: ScanSession) -> None:
+    """Fit the per-round loop overhead once per process, from one measured layerskip run on the
+    first example (whatever example this process scans first, so that every process prices
+    with an overhead fitted on the same prompt). The first example's measurement is kept for
+    its own rows."""
+    if session.round_overhead is not None:
+        return
+    first = _measure(session, 0)
+    calib_e, calib_k = session.calib
+    gen = generate("layerskip", session.model, session.prompts[0].ids, session.cfg, k=calib_k,
+                   exit_layer=calib_e)
+    rep = replay_point(Point("layerskip", calib_k, calib_e), first.ar.tokens, first.traces,
+                       first.draft_traces, session.cfg)
+    session.round_overhead = fit_round_overhead(first.costs, gen, rep, calib_e).round
+    session.first = first
+
+
+def scan_example(session: ScanSession, i: int) -> tuple[list[dict], list[dict]]:
+    """Example i's scan rows and trace rows: its own timed baseline and teacher-forced pass,
+    priced with unit costs measured in this process."""
+    calibrate_scan(session)
+    if i == 0 and session.first is not None:
+        measured, session.first = session.first, None
+    else:
+        measured = _measure(session, i)
+    job, cfg, model = session.spec.job, session.cfg, session.model
+    ex, prompt, out = session.examples[i], session.prompts[i], measured.ar.tokens
+    costs = measured.costs.with_overheads(round=session.round_overhead)
+    draft_costs = {name: with_draft_costs(costs, d, measured.context)
+                   for name, d in session.drafts.items()}
+    identity = {"scan_name": job.name, "model": job.model,
+                "model_num_layers": model.num_layers, "dataset": job.dataset.name,
+                "dataset_fingerprint": session.fingerprint, "example_id": ex.example_id,
+                "example_index": i, "max_new_tokens": cfg.max_new_tokens,
+                "prompt_tokens": len(prompt.ids)}
+    stamp = {**session.env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
+        timespec="seconds")}
+    rows = [{**identity, **row, **stamp} for row in predict_rows(
+        session.points, out, measured.traces, measured.draft_traces, cfg, costs,
+        _ms_per_token(measured.ar), draft_costs, prompt.ids)]
+    common = {**identity, "stop_token_ids": list(cfg.stop_token_ids), "output_ids": out}
+    trace_rows = [{**common, "source": "exit", "exit_layer": e, "draft_model": "",
+                   **_trace_lists(t)} for e, t in enumerate(measured.traces, start=1)]
+    trace_rows += [{**common, "source": "draft", "exit_layer": 0, "draft_model": name,
+                    **_trace_lists(t)} for name, t in measured.draft_traces.items()]
+    return rows, trace_rows
+
+
+def scan_result(rows: list[dict], trace_rows: list[dict]) -> ScanResult:
     return ScanResult(_frame(rows, SCAN_COLUMNS), _frame(trace_rows, TRACE_COLUMNS))
+
+
+def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None = None,
+             ) -> ScanResult:
+    emit = on_progress or (lambda _e: None)
+    validate_scan(spec)
+    session = prepare_scan(spec, emit)
+    rows, trace_rows = [], []
+    n = len(session.examples)
+    for i in range(n):
+        emit(ProgressEvent("measure", i, n, f"example {i + 1}/{n}"))
+        r, t = scan_example(session, i)
+        rows += r
+        trace_rows += t
+        emit(ProgressEvent("measure", i + 1, n, f"example {i + 1}/{n}"))
+    return scan_result(rows, trace_rows)
 
 
 def _trace_lists(t: TokenTrace) -> dict:

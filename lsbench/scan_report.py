@@ -54,7 +54,10 @@ def read_scans(paths: list[str | Path]) -> pd.DataFrame:
     for p in paths:
         if not is_scan_file(p):
             raise LsbenchError(f"{p} is not an lsbench scan file")
-        df = pd.read_parquet(p, columns=[name for name, _, _ in SCAN_COLUMNS])
+        present = set(pq.ParquetFile(p).schema_arrow.names)  # older scans lack host, worker
+        names = [name for name, _, _ in SCAN_COLUMNS]
+        df = pd.read_parquet(p, columns=[n for n in names if n in present]).reindex(
+            columns=names)
         df["source_file"] = Path(p).name
         frames.append(df)
     if not frames:

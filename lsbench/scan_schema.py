@@ -12,11 +12,14 @@ import pyarrow as pa
 
 from lsbench.schema import ENVIRONMENT_COLUMNS
 
-SCAN_SCHEMA_VERSION = 1
+SCAN_SCHEMA_VERSION = 2  # 2: host and worker
 SCAN_METADATA_KEY = b"lsbench-scan"
 
 _ENV = [
     *ENVIRONMENT_COLUMNS,
+    ("host", pa.string(), "hostname of the machine that scanned the example"),
+    ("worker", pa.string(), "Ray worker that scanned the example (w<index>-pid<pid>), empty "
+     "when the scan ran in one process"),
     ("timestamp", pa.string(), "UTC time the example was scanned, ISO 8601"),
 ]
 
