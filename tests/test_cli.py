@@ -15,10 +15,10 @@ import pytest
 import transformers
 from typer.testing import CliRunner
 
-import lsbench.runner
+import lsbench.scenario.runner
 from lsbench import __version__
 from lsbench.cli import app
-from lsbench.store import ResultStore, read_results
+from lsbench.results.store import ResultStore, read_results
 from tests.test_runner import KEY, by_key, save_truncated, write_jsonl
 
 runner = CliRunner()
@@ -26,7 +26,7 @@ APP = [sys.executable, "-c", "from lsbench.cli import app; app()"]
 # One torch thread: on a busy 2-core machine two spinning threads make the tiny model 10x slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # The same CLI with every measured generation slowed down, so that a SIGKILL lands mid-sweep.
-SLOW_APP = [sys.executable, "-c", "import time, lsbench.runner as r; g = r._generate; "
+SLOW_APP = [sys.executable, "-c", "import time, lsbench.scenario.runner as r; g = r._generate; "
             "r._generate = lambda *a: (time.sleep(0.15), g(*a))[1]; "
             "from lsbench.cli import app; app()"]
 
@@ -87,8 +87,8 @@ def no_measuring(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise AssertionError(f"{name} called")
         return call
 
-    monkeypatch.setattr(lsbench.runner, "run_job", forbidden("run_job"))
-    monkeypatch.setattr(lsbench.runner, "load_model", forbidden("load_model"))
+    monkeypatch.setattr(lsbench.scenario.runner, "run_job", forbidden("run_job"))
+    monkeypatch.setattr(lsbench.scenario.runner, "load_model", forbidden("load_model"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         forbidden("from_pretrained"))
     return calls
@@ -392,9 +392,9 @@ def test_second_lsbench_on_the_same_out_refused(tiny_model_dir: Path, data_file:
     before = out.read_bytes()
     args = [str(a) for a in sweep_args(tiny_model_dir, data_file, out, "-e", "2,4")]
     # Measures one generation, then hangs in the second: it holds the lock until killed.
-    stuck = [sys.executable, "-c", "import time, lsbench.runner as r; g = r._generate; n = []; "
-             "r._generate = lambda *a: (n.append(1), time.sleep(600 if len(n) > 1 else 0), "
-             "g(*a))[2]; from lsbench.cli import app; app()"]
+    stuck = [sys.executable, "-c", "import time, lsbench.scenario.runner as r; "
+             "g = r._generate; n = []; r._generate = lambda *a: (n.append(1), "
+             "time.sleep(600 if len(n) > 1 else 0), g(*a))[2]; from lsbench.cli import app; app()"]
     holder = subprocess.Popen([*stuck, *args], cwd=tmp_path, env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from lsbench.errors import LsbenchError
-from lsbench.jobs import sweep_job
-from lsbench.launchers import RayTarget, parse_ray, run_job_on_ray
-from lsbench.runner import ProgressEvent
-from lsbench.store import ResultStore
+from lsbench.launcher.ray_cluster import RayTarget, parse_ray, run_job_on_ray
+from lsbench.results.store import ResultStore
+from lsbench.scenario.jobs import sweep_job
+from lsbench.scenario.runner import ProgressEvent
 from tests.test_cli import assert_refused, invoke, sweep_args
 from tests.test_runner import KEY, job_settings, write_jsonl
 from tests.test_scan_cli import scan_args
@@ -144,7 +144,7 @@ POINT = ["example_id", "strategy", "exit_layer", "num_speculations", "confidence
 def test_scan_on_local_ray_predicts_what_one_process_predicts(cluster, tiny_model_dir: Path,
                                                                data_file: Path,
                                                                tmp_path: Path) -> None:
-    from lsbench.scan import trace_path
+    from lsbench.scenario.scan import trace_path
 
     one, two = tmp_path / "one.scan.parquet", tmp_path / "two.scan.parquet"
     assert invoke(*scan_args(tiny_model_dir, data_file, one, "--limit", 4)).exit_code == 0
@@ -179,8 +179,8 @@ def _plain(value: object) -> object:
 
 def test_each_scan_worker_prices_with_its_own_costs(cluster, tiny_model_dir: Path,
                                                     data_file: Path) -> None:
-    from lsbench.launchers import run_scan_on_ray
-    from lsbench.scan import scan_spec
+    from lsbench.launcher.ray_cluster import run_scan_on_ray
+    from lsbench.scenario.scan import scan_spec
 
     s = job_settings(tiny_model_dir, data_file, data__limit=4, decoding__max_new_tokens=10,
                      sweep__num_speculations="1:3", sweep__warmup=0)

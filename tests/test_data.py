@@ -17,8 +17,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from lsbench import data
-from lsbench.data import (
+from lsbench.errors import LsbenchError
+from lsbench.scenario import data
+from lsbench.scenario.data import (
     DATASETS,
     INSTRUCTION,
     DatasetSpec,
@@ -27,7 +28,6 @@ from lsbench.data import (
     check_dataset,
     load_examples,
 )
-from lsbench.errors import LsbenchError
 
 WORDS = [f"w{i}" for i in range(50)]
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Article:", "Summary:", "user:", "assistant:",

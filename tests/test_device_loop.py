@@ -8,13 +8,13 @@ import itertools
 import pytest
 import torch
 
-from lsbench.costs import CostTable, UnitCosts, calibrate
-from lsbench.generation import DecodingConfig
-from lsbench.models import EarlyExitModel
-from lsbench.policy import EnginePolicy, defer_last_draft
-from lsbench.replay import replay
-from lsbench.scan import exit_traces
-from lsbench.strategies import generate, generate_speculative
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.policy import EnginePolicy, defer_last_draft
+from lsbench.engine.strategies import generate, generate_speculative
+from lsbench.scenario.costs import CostTable, UnitCosts, calibrate
+from lsbench.scenario.replay import replay
+from lsbench.scenario.scan import exit_traces
 from tests.conftest import tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
@@ -187,20 +187,21 @@ def test_replay_and_cost_model_follow_the_policy(target, policy, device_loop):
 
 def test_runner_calibrates_during_warm_up_off_the_cpu_only(tiny_model_dir, tmp_path,
                                                            monkeypatch):
-    import lsbench.runner
-    from lsbench.jobs import sweep_job
+    import lsbench.scenario.runner
+    from lsbench.scenario.jobs import sweep_job
     from tests.test_runner import job_settings, write_jsonl
 
     data = write_jsonl(tmp_path / "articles.jsonl")
     job = sweep_job(job_settings(tiny_model_dir, data, data__limit=1, sweep__exit_layers="1,2",
                                  sweep__num_speculations="3,2", sweep__warmup=1), 4)
-    prepared = lsbench.runner.prepare_job(job)
+    prepared = lsbench.scenario.runner.prepare_job(job)
     seen, generated = [], []
-    monkeypatch.setattr(lsbench.runner, "calibrate", lambda model, k, prompt: seen.append(k))
-    monkeypatch.setattr(lsbench.runner, "_generate", lambda *args: generated.append(seen[:]))
-    lsbench.runner.warm_up(prepared, job.runs)
+    runner = lsbench.scenario.runner
+    monkeypatch.setattr(runner, "calibrate", lambda model, k, prompt: seen.append(k))
+    monkeypatch.setattr(runner, "_generate", lambda *args: generated.append(seen[:]))
+    lsbench.scenario.runner.warm_up(prepared, job.runs)
     assert seen == [] and generated  # CPU: the default policy
     monkeypatch.setattr(prepared.loaded.adapter, "device", torch.device("meta"))
     generated.clear()
-    lsbench.runner.warm_up(prepared, job.runs)
+    lsbench.scenario.runner.warm_up(prepared, job.runs)
     assert seen == [2, 3] and all(g == [2, 3] for g in generated)  # before any generation

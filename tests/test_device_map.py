@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from lsbench.backend.models import EarlyExitModel, load_model, parse_device_map
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig
-from lsbench.models import EarlyExitModel, load_model, parse_device_map
-from lsbench.strategies import generate
 from tests.test_cli import invoke, sweep_args
 from tests.test_runner import write_jsonl
 

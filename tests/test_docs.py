@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lsbench.schema import COLUMNS
+from lsbench.results.schema import COLUMNS
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
@@ -23,7 +23,7 @@ def test_readme_gives_the_two_setup_commands_and_make_has_them():
 
 
 def test_readme_documents_every_scan_column():
-    from lsbench.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
+    from lsbench.results.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
 
     documented = set(re.findall(r"^\| `([a-zA-Z0-9_]+)` \|", README, flags=re.M))
     assert documented >= {name for name, _, _ in [*SCAN_COLUMNS, *TRACE_COLUMNS]}

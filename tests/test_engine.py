@@ -10,10 +10,10 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lsbench.backend.models import EarlyExitModel, check_architecture
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.strategies import defer_last_draft, generate, generate_speculative
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig
-from lsbench.models import EarlyExitModel, check_architecture
-from lsbench.strategies import defer_last_draft, generate, generate_speculative
 from tests.conftest import replay_deferrals, tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
@@ -148,7 +148,7 @@ def _chi_square_p(observed: dict, expected_probs: dict, n: int) -> float:
 
 def _exact_joint(model: EarlyExitModel, prompt: list[int], cfg: DecodingConfig, depth: int):
     """P(t1..t_depth | prompt) under the (warped) target distribution, by enumeration."""
-    from lsbench.strategies import Sampler
+    from lsbench.engine.strategies import Sampler
 
     sampler = Sampler(cfg, model.device)
     probs = {(): 1.0}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lsbench import fetch as fetch_mod
+from lsbench.backend import fetch as fetch_mod
+from lsbench.backend.fetch import PAIRS, PartsSpec, assemble, fetch, is_verified, main
 from lsbench.errors import LsbenchError
-from lsbench.fetch import PAIRS, PartsSpec, assemble, fetch, is_verified, main
 
 
 @pytest.fixture(autouse=True)

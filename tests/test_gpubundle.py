@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from lsbench import data, gpubundle, gpuinstall, models
+from lsbench import gpubundle, gpuinstall
+from lsbench.backend import models
 from lsbench.errors import LsbenchError
 from lsbench.gpubundle import MANIFEST_RESERVE, BundleFile, layout
+from lsbench.scenario import data
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPACITY = 4096

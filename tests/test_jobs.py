@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsbench.errors import LsbenchError
-from lsbench.jobs import (
+from lsbench.scenario.jobs import (
     BASELINE,
     HF_BASELINE,
     JobSpec,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from lsbench.generation import DecodingConfig
-from lsbench.hf_reference import _neutral_models, neutral_generation_config
-from lsbench.models import EarlyExitModel
-from lsbench.strategies import generate
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.hf_reference import _neutral_models, neutral_generation_config
+from lsbench.engine.strategies import generate
 from tests.conftest import tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
@@ -140,9 +140,9 @@ def _full_acceptance_rounds(decode_tokens: int, k: int) -> list[int]:
 def test_padded_lm_heads_pair_with_one_tokenizer(tiny_model_dir, tmp_path):
     """A target whose LM head is padded past the tokenizer (like Qwen2.5 7B against 0.5B) and
     an unpadded draft with the same tokenizer: speculation works and equals ar."""
-    from lsbench.jobs import compare_job
-    from lsbench.runner import run_job
-    from lsbench.store import ResultStore
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.jobs import compare_job
+    from lsbench.scenario.runner import run_job
     from tests.conftest import VOCAB_WORDS, tiny_tokenizer
     from tests.test_runner import job_settings, save_truncated, write_jsonl
 

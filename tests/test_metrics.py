@@ -29,9 +29,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lsbench.generation import DecodingConfig, Generation
-from lsbench.hf_reference import CountingHooks
-from lsbench.metrics import (
+from lsbench.backend.models import EarlyExitModel, EvalCounts, crop_cache
+from lsbench.engine.generation import DecodingConfig, Generation
+from lsbench.engine.hf_reference import CountingHooks
+from lsbench.engine.strategies import generate_ar, generate_speculative
+from lsbench.scenario.metrics import (
     FlopModel,
     count_flops,
     peak_memory_delta,
@@ -39,8 +41,6 @@ from lsbench.metrics import (
     start_memory_window,
     weight_bytes,
 )
-from lsbench.models import EarlyExitModel, EvalCounts, crop_cache
-from lsbench.strategies import generate_ar, generate_speculative
 from tests.conftest import replay_deferrals, tiny_model
 
 # Tiny Llamas spanning layer counts, MHA/GQA/MQA, hidden sizes, tied and untied heads, and a
@@ -352,13 +352,13 @@ def test_cuda_peak_memory_delta_tracks_the_runs_own_allocations():
     ([1, 2, 3, 4], [1, 2, 3], 3, 1.0),
 ])
 def test_first_mismatch_and_agreement(output, reference, position, share):
-    from lsbench.metrics import agreement, first_mismatch
+    from lsbench.scenario.metrics import agreement, first_mismatch
 
     assert first_mismatch(output, reference) == position
     assert agreement(output, reference) == pytest.approx(share)
 
 
 def test_agreement_of_an_empty_output_is_nan():
-    from lsbench.metrics import agreement
+    from lsbench.scenario.metrics import agreement
 
     assert math.isnan(agreement([], [1, 2]))

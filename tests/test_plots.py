@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lsbench.errors import LsbenchError
-from lsbench.plots import compare_figures, plot_compare, plot_sweep, sweep_figures
+from lsbench.reporting.plots import compare_figures, plot_compare, plot_sweep, sweep_figures
 from tests.test_report import MODELS, make_results
 
 SWEEP_FILES = ["tokens_per_s_vs_exit_layer", "speedup_vs_exit_layer",

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
+from lsbench.engine.strategies import LOSSY, STRATEGIES, generate
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig
-from lsbench.models import EarlyExitModel
-from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
-from lsbench.strategies import LOSSY, STRATEGIES, generate
 from tests.conftest import tiny_model
 from tests.test_engine import _chi_square_p, _exact_joint
 
@@ -117,7 +117,7 @@ def test_pld_budget_cuts_equal_ar(target, ar_tokens, max_new_tokens):
 
 
 def test_pld_stops_at_stop_tokens_and_never_drafts_past_them(target, ar_tokens, monkeypatch):
-    from lsbench.strategies import PromptLookupSpeculator
+    from lsbench.engine.strategies import PromptLookupSpeculator
 
     proposals: list[list[int]] = []
     real = PromptLookupSpeculator.draft
@@ -176,7 +176,7 @@ def test_pld_sampling_preserves_the_target_distribution(cfg):
 def test_pld_sampling_check_can_fail(monkeypatch):
     """The chi-square check above rejects a drafter whose q is not the point mass it draws
     from (here uniform): the rejection rule then keeps the wrong share of lookups."""
-    from lsbench.strategies import PromptLookupSpeculator
+    from lsbench.engine.strategies import PromptLookupSpeculator
 
     real = PromptLookupSpeculator.draft
 

@@ -11,8 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from lsbench.errors import LsbenchError
-from lsbench.report import blog_table, format_cell, summarize, sweep_table, to_csv, to_markdown
-from lsbench.schema import ARROW_SCHEMA, COLUMN_NAMES, COLUMNS
+from lsbench.reporting.report import (
+    blog_table,
+    format_cell,
+    summarize,
+    sweep_table,
+    to_csv,
+    to_markdown,
+)
+from lsbench.results.schema import ARROW_SCHEMA, COLUMN_NAMES, COLUMNS
 
 MODELS = (("tiny-a", 8, 1_000_000_000), ("tiny-b", 12, 2_000_000_000))
 DRAFT, DRAFT_PARAMS = "draft-135m", 134_515_008
@@ -360,7 +367,7 @@ def test_pld_acceptance_is_over_drafting_rounds_with_the_share_without_a_match()
 
 
 def test_runs_measured_on_different_devices_are_flagged():
-    from lsbench.report import mixed_device_warnings
+    from lsbench.reporting.report import mixed_device_warnings
 
     rows = [make_row(run_id="r1", strategy="layerskip", exit_layer=4, num_speculations=2,
                      example_id=f"e{i}", device_name=name)

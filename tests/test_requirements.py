@@ -11,8 +11,8 @@ import transformers
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from lsbench.generation import DecodingConfig
-from lsbench.hf_reference import neutral_generation_config
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.hf_reference import neutral_generation_config
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from lsbench.generation import DecodingConfig
-from lsbench.metrics import (
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.strategies import generate
+from lsbench.scenario.metrics import (
     WeightModel,
     count_weight_bytes,
     measure_copy_gbps,
     peak_gbps,
     roofline,
 )
-from lsbench.models import EarlyExitModel
-from lsbench.strategies import generate
 from tests.conftest import VOCAB_WORDS, replay_deferrals, tiny_model
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]

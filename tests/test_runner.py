@@ -12,12 +12,12 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-import lsbench.runner
+import lsbench.scenario.runner
 from lsbench import __version__
 from lsbench.errors import LsbenchError
-from lsbench.jobs import JobSpec, Settings, compare_job, sweep_job
-from lsbench.runner import JobOutcome, ProgressEvent, run_job
-from lsbench.store import ResultStore
+from lsbench.results.store import ResultStore
+from lsbench.scenario.jobs import JobSpec, Settings, compare_job, sweep_job
+from lsbench.scenario.runner import JobOutcome, ProgressEvent, run_job
 from tests.conftest import VOCAB_WORDS
 
 KEY = ["run_id", "example_id", "repeat"]
@@ -259,7 +259,7 @@ def test_resume_after_crash_and_force(tiny_model_dir: Path, data_file: Path, tmp
     job = sweep_job(job_settings(tiny_model_dir, data_file, sweep__exit_layers="1,3",
                                  sweep__num_speculations="2"), 4)
     calls = 0
-    real_generate = lsbench.runner._generate
+    real_generate = lsbench.scenario.runner._generate
 
     def crash_in_second_unit(*args, **kwargs):
         nonlocal calls
@@ -268,7 +268,7 @@ def test_resume_after_crash_and_force(tiny_model_dir: Path, data_file: Path, tmp
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(lsbench.runner, "_generate", crash_in_second_unit)
+    monkeypatch.setattr(lsbench.scenario.runner, "_generate", crash_in_second_unit)
     with pytest.raises(KeyboardInterrupt):
         run_job(job, ResultStore(path))
     monkeypatch.undo()

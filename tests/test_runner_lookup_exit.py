@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lsbench.jobs import RunSpec, sweep_job
-from lsbench.metrics import agreement, first_mismatch
-from lsbench.runner import run_job
-from lsbench.schema import COLUMN_NAMES
-from lsbench.store import ResultStore
+from lsbench.results.schema import COLUMN_NAMES
+from lsbench.results.store import ResultStore
+from lsbench.scenario.jobs import RunSpec, sweep_job
+from lsbench.scenario.metrics import agreement, first_mismatch
+from lsbench.scenario.runner import run_job
 from tests.test_runner import job_settings, write_jsonl
 
 

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import lsbench.runner
+import lsbench.scenario.runner
 from lsbench.errors import LsbenchError
-from lsbench.jobs import compare_job, sweep_job
-from lsbench.report import summarize
-from lsbench.runner import JobOutcome, prepare_job, run_job, unit_order
-from lsbench.schema import COLUMN_NAMES
-from lsbench.store import ResultStore, read_results
+from lsbench.reporting.report import summarize
+from lsbench.results.schema import COLUMN_NAMES
+from lsbench.results.store import ResultStore, read_results
+from lsbench.scenario.jobs import compare_job, sweep_job
+from lsbench.scenario.runner import JobOutcome, prepare_job, run_job, unit_order
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.test_runner import job_settings, save_truncated, write_jsonl
 
@@ -33,13 +33,13 @@ def test_runs_are_measured_in_a_seeded_shuffled_order_per_unit(tiny_model_dir, d
     job = sweep_job(job_settings(tiny_model_dir, data_file, data__limit=3, sweep__repeats=2,
                                  sweep__exit_layers="1,2,3,4", sweep__num_speculations="2"), 4)
     calls = []
-    real = lsbench.runner._generate
+    real = lsbench.scenario.runner._generate
 
     def record(loaded, run, prompt, cfg):
         calls.append(run)
         return real(loaded, run, prompt, cfg)
 
-    monkeypatch.setattr(lsbench.runner, "_generate", record)
+    monkeypatch.setattr(lsbench.scenario.runner, "_generate", record)
     run_job(job, ResultStore(tmp_path / "s.parquet"))
     df = ResultStore(tmp_path / "s.parquet").rows()
     units = [(i, rep) for rep in range(2) for i in range(3)]
@@ -110,10 +110,10 @@ def test_resume_refuses_rows_from_another_environment(tiny_model_dir, data_file,
     wider = sweep_job(job_settings(tiny_model_dir, data_file, data__limit=2,
                                    sweep__exit_layers="2"), 4)
     snapshot = path.read_bytes()
-    real = lsbench.runner.environment
+    real = lsbench.scenario.runner.environment
     for key, value in (("torch_version", "1.0.0"), ("threads", 97), ("git_commit", "abc"),
                        ("device_name", "Other CPU")):
-        monkeypatch.setattr(lsbench.runner, "environment",
+        monkeypatch.setattr(lsbench.scenario.runner, "environment",
                             lambda *a, key=key, value=value: {**real(*a), key: value})
         with pytest.raises(LsbenchError, match=f"{key}.*--force.*--out") as err:
             run_job(wider, ResultStore(path))
@@ -185,9 +185,9 @@ def test_bf16_flips_are_near_ties_and_a_wrong_output_is_a_mismatch(bf16_dir, dat
         logits = reference(torch.tensor([[*prompt.ids, *base[:3]]])).logits[0, -1]
     worst = int(logits.argmin())
     wrong = [*base[:3], worst, *base[4:]]
-    verdict = lsbench.runner._losslessness(prepared, prompt, wrong, base)
+    verdict = lsbench.scenario.runner._losslessness(prepared, prompt, wrong, base)
     assert verdict["first_mismatch"] == 3 and verdict["lossless_verdict"] == "MISMATCH"
     gap = float(logits[base[3]] - logits[worst])
     assert verdict["mismatch_margin"] == pytest.approx(gap, rel=1e-3)
-    assert math.isnan(lsbench.runner._losslessness(prepared, prompt, base, base)
+    assert math.isnan(lsbench.scenario.runner._losslessness(prepared, prompt, base, base)
                       ["mismatch_margin"])

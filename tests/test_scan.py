@@ -9,13 +9,13 @@ import itertools
 import pytest
 import torch
 
-from lsbench.costs import CostTable, no_bonus
-from lsbench.generation import DecodingConfig
-from lsbench.models import EarlyExitModel
-from lsbench.prompt_lookup import lookup_drafts
-from lsbench.replay import Round, replay
-from lsbench.scan import draft_trace, exit_traces
-from lsbench.strategies import generate, generate_speculative
+from lsbench.backend.models import EarlyExitModel
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.prompt_lookup import lookup_drafts
+from lsbench.engine.strategies import generate, generate_speculative
+from lsbench.scenario.costs import CostTable, no_bonus
+from lsbench.scenario.replay import Round, replay
+from lsbench.scenario.scan import draft_trace, exit_traces
 from tests.conftest import tiny_model
 
 PROMPTS = [[1, 5, 9, 17, 33, 4, 60, 12], [1, 70, 71, 72, 3, 8]]
@@ -306,7 +306,7 @@ def _pld_cases(model):
 def test_pld_replay_equals_pld_runs(deep):
     """Prompt lookup needs no trace: drafted and accepted counts, rounds, the histogram and
     the rounds without a draft are exact, and the priced round is the engine's work."""
-    from lsbench.replay import replay_pld
+    from lsbench.scenario.replay import replay_pld
 
     L = deep.num_layers
     accepted_any = no_draft_rounds = stop_drafted = 0
@@ -335,7 +335,7 @@ def test_pld_replay_equals_pld_runs(deep):
 
 
 def test_scan_rows_include_pld_unless_turned_off(deep):
-    from lsbench.scan import Point, predict_rows, scan_points
+    from lsbench.scenario.scan import Point, predict_rows, scan_points
 
     prompt, cfg = PLD_PROMPTS[0], DecodingConfig(max_new_tokens=16)
     out, traces = _trace(deep, prompt, cfg)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lsbench import scan_report
-from lsbench.replay import replay
-from lsbench.scan import trace_path
-from lsbench.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
+from lsbench.reporting import scan_report
+from lsbench.results.scan_schema import SCAN_COLUMNS, TRACE_COLUMNS
+from lsbench.scenario.replay import replay
+from lsbench.scenario.scan import trace_path
 from tests.test_cli import assert_refused, invoke
 from tests.test_runner import write_jsonl
 
@@ -134,7 +134,7 @@ def test_plot_scan_files_beside_measured_results(scanned, tmp_path: Path) -> Non
 
 
 def test_scan_figures_side_by_side_with_measured_annotations(scanned) -> None:
-    from lsbench.scan_plots import scan_figures
+    from lsbench.reporting.scan_plots import scan_figures
 
     out, _ = scanned
     one = scan_report.read_scans([out])
@@ -148,7 +148,7 @@ def test_scan_figures_side_by_side_with_measured_annotations(scanned) -> None:
 
 
 def test_bench_scan_smoke(tiny_model_dir: Path, data_file: Path, capsys) -> None:
-    from lsbench import scanbench
+    from lsbench.benchmarks import scanbench
 
     code = scanbench.main(["--model", str(tiny_model_dir), "--dataset", f"jsonl:{data_file}",
                            "--prompts", "1", "--max-new-tokens", "8", "-k", "1:2",

@@ -8,8 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from lsbench.ab import scan_section
-from lsbench.scan_report import grid_check, predicted_vs_measured, surface
+from lsbench.reporting.scan_report import grid_check, predicted_vs_measured, surface
+from lsbench.training.ab import scan_section
 
 L = 3
 DECODE = 10  # tokens decoded per example (new_tokens - 1)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lsbench.errors import LsbenchError
-from lsbench.shards import parse_shard, shard_path
+from lsbench.launcher.shards import parse_shard, shard_path
 from tests.test_cli import assert_refused, invoke, sweep_args
 from tests.test_runner import KEY, plain, write_jsonl
 
@@ -79,7 +79,7 @@ def test_three_shards_merge_into_the_unsharded_sweep(tiny_model_dir: Path, data_
 
 
 def test_report_warns_about_a_run_measured_on_different_devices(tmp_path: Path) -> None:
-    from lsbench.store import ResultStore
+    from lsbench.results.store import ResultStore
     from tests.test_report import make_row
 
     path = tmp_path / "mixed.parquet"

@@ -20,8 +20,8 @@ import pytest
 
 from lsbench import __version__
 from lsbench.errors import LsbenchError
-from lsbench.schema import COLUMN_NAMES, SCHEMA_VERSION
-from lsbench.store import ResultStore, read_results
+from lsbench.results.schema import COLUMN_NAMES, SCHEMA_VERSION
+from lsbench.results.store import ResultStore, read_results
 
 
 def run_rows(run_id: str, n: int = 2) -> list[dict]:
@@ -210,7 +210,7 @@ def test_read_results_adds_source_file(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from lsbench.store import ResultStore
+    from lsbench.results.store import ResultStore
     store = ResultStore(sys.argv[1])
     store.lock()
     i = len(store.completed_run_ids())
@@ -309,7 +309,7 @@ def test_corrupt_part_refused(tmp_path):
 
 LOCKER = textwrap.dedent("""
     import sys, time
-    from lsbench.store import ResultStore
+    from lsbench.results.store import ResultStore
     store = ResultStore(sys.argv[1])
     store.lock()
     print("locked", flush=True)
@@ -344,7 +344,7 @@ def test_second_writer_refused_while_a_process_holds_the_lock(tmp_path):
 
 
 def test_bench_store_smoke(capsys):
-    from lsbench import bench_store
+    from lsbench.benchmarks import bench_store
 
     bench_store.main(["--sizes", "5,20", "--window", "3"])
     lines = capsys.readouterr().out.splitlines()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lsbench.errors import LsbenchError
-from lsbench.recipe import (
+from lsbench.training.recipe import (
     Recipe,
     dropout_rates,
     enabled_exits,
@@ -134,7 +134,7 @@ def test_training_forward_skips_whole_samples_per_layer():
 def trained(tmp_path_factory):
     """Two 20-step runs of the same seeded config (micro Llama, BPE on lee-news)."""
     pytest.importorskip("gensim")
-    from lsbench.train import TrainConfig, train
+    from lsbench.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(out=str(root / "a"), size="micro", data=("lee-news",), holdout=4,
@@ -158,7 +158,7 @@ def test_seeded_training_is_deterministic(trained):
 
 
 def test_checkpoint_has_log_and_heldout_disjoint_from_training(trained):
-    from lsbench.data import DatasetSpec, load_examples
+    from lsbench.scenario.data import DatasetSpec, load_examples
 
     cfg, first, _ = trained
     log = json.loads((first.path / "training_log.json").read_text())
@@ -169,7 +169,7 @@ def test_checkpoint_has_log_and_heldout_disjoint_from_training(trained):
     examples, _ = load_examples(DatasetSpec("jsonl:" + str(first.path / "heldout.jsonl"),
                                             limit=4))
     assert len(examples) == 4
-    from lsbench.train import load_corpus
+    from lsbench.training.train import load_corpus
 
     corpus = load_corpus(cfg)
     assert not {h["article"] for h in held} & set(corpus.train)
@@ -178,10 +178,10 @@ def test_checkpoint_has_log_and_heldout_disjoint_from_training(trained):
 @pytest.mark.parametrize("strategy", ["ar", "layerskip", "spec", "hf-ar", "hf-assisted",
                                       "hf-early-exit"])
 def test_checkpoint_loads_and_decodes_with_every_strategy(trained, strategy):
-    from lsbench.data import build_prompt
-    from lsbench.generation import DecodingConfig
-    from lsbench.models import EarlyExitModel, load_model
-    from lsbench.strategies import generate
+    from lsbench.backend.models import EarlyExitModel, load_model
+    from lsbench.engine.generation import DecodingConfig
+    from lsbench.engine.strategies import generate
+    from lsbench.scenario.data import build_prompt
 
     _, first, second = trained
     loaded = load_model(str(first.path), device="cpu")
@@ -197,7 +197,7 @@ def test_checkpoint_loads_and_decodes_with_every_strategy(trained, strategy):
 def test_a_trained_name_resolves_from_the_cache(monkeypatch, tmp_path, trained):
     import shutil
 
-    from lsbench.models import locate_model, model_num_layers
+    from lsbench.backend.models import locate_model, model_num_layers
 
     monkeypatch.setenv("LSBENCH_CACHE", str(tmp_path))
     with pytest.raises(LsbenchError):
@@ -209,7 +209,7 @@ def test_a_trained_name_resolves_from_the_cache(monkeypatch, tmp_path, trained):
 
 
 def test_train_config_rejects_inconsistent_options():
-    from lsbench.train import TrainConfig, output_dir
+    from lsbench.training.train import TrainConfig, output_dir
 
     with pytest.raises(LsbenchError):
         TrainConfig(out="x", tokens=0)
@@ -223,8 +223,8 @@ def test_train_config_rejects_inconsistent_options():
 
 def test_ab_end_to_end_on_a_micro_budget(monkeypatch, tmp_path):
     pytest.importorskip("gensim")
-    from lsbench.ab import run_ab
-    from lsbench.train import TrainConfig
+    from lsbench.training.ab import run_ab
+    from lsbench.training.train import TrainConfig
 
     monkeypatch.setenv("LSBENCH_CACHE", str(tmp_path / "cache"))
     sweep = tmp_path / "ab.toml"
@@ -263,7 +263,7 @@ def _check_scan_against_grid(out, name: str, check: dict, text: str) -> None:
 
     import pandas as pd
 
-    from lsbench.scan import trace_path
+    from lsbench.scenario.scan import trace_path
 
     scan = pd.read_parquet(out / f"{name}.scan.parquet")
     assert trace_path(out / f"{name}.scan.parquet").is_file()
@@ -318,7 +318,7 @@ def test_train_command_writes_a_named_checkpoint(monkeypatch, tmp_path):
 
 def test_continue_from_a_pretrained_model_on_a_wall_clock_budget(tmp_path, tiny_model_dir):
     pytest.importorskip("gensim")
-    from lsbench.train import TrainConfig, train
+    from lsbench.training.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(tmp_path / "cont"), init=str(tiny_model_dir), tokenizer="model",
                       data=("lee-news",), tokens=0, time_budget_s=0.5, batch_size=2,

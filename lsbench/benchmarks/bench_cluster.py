@@ -1,8 +1,8 @@
 """`make bench-cluster`: the same sweep on one worker with one thread, then on `--ray local:2`
 with one thread per worker, and the ratio of their wall times.
 
-    python -m lsbench.bench_cluster [--model smollm2-135m] [--limit 8] [--exit-layer 8] [--k 4]
-                                    [--max-new-tokens 128]
+    python -m lsbench.benchmarks.bench_cluster [--model smollm2-135m] [--limit 8]
+        [--exit-layer 8] [--k 4] [--max-new-tokens 128]
 
 Wall time is the whole job as a user waits for it: loading, warm-up, measuring, storing (and
 starting Ray for the cluster), printed as startup (to the first unit handed out), measuring
@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsbench.jobs import JobSpec, Settings, sweep_job
-from lsbench.launchers import RayTarget, run_job_on_ray
-from lsbench.models import load_tokenizer, model_num_layers
-from lsbench.runner import ProgressEvent, run_job
-from lsbench.store import ResultStore
+from lsbench.backend.models import load_tokenizer, model_num_layers
+from lsbench.launcher.ray_cluster import RayTarget, run_job_on_ray
+from lsbench.results.store import ResultStore
+from lsbench.scenario.jobs import JobSpec, Settings, sweep_job
+from lsbench.scenario.runner import ProgressEvent, run_job
 
 TARGET_RATIO = 0.6
 

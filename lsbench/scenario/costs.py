@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lsbench.generation import sync
-from lsbench.models import EarlyExitModel, crop_cache
-from lsbench.policy import EnginePolicy
-from lsbench.replay import Replay, Round
+from lsbench.backend.models import EarlyExitModel, crop_cache
+from lsbench.engine.generation import sync
+from lsbench.engine.policy import EnginePolicy
+from lsbench.scenario.replay import Replay, Round
 
 
 @dataclass(frozen=True)

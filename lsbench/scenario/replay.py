@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lsbench.policy import defer_last_draft  # the engine's own rule (torch-free)
-from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
+from lsbench.engine.policy import defer_last_draft  # the engine's own rule (torch-free)
+from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lsbench.data import DatasetSpec, Example, load_examples
+from lsbench.backend.models import cache_dir, check_architecture, load_model, resolve_device
 from lsbench.errors import LsbenchError
-from lsbench.models import cache_dir, check_architecture, load_model, resolve_device
-from lsbench.recipe import Recipe, exit_forward, training_forward
+from lsbench.scenario.data import DatasetSpec, Example, load_examples
+from lsbench.training.recipe import Recipe, exit_forward, training_forward
 
 # Named from-scratch sizes (Llama layout). "tiny" is the A/B twins' size; "micro" is for tests.
 SIZES: dict[str, dict[str, int]] = {

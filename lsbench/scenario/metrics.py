@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from lsbench.backend.models import EarlyExitModel, EvalCounts
+from lsbench.errors import LsbenchError
+
 # The copy lives in a torch-only module: peak_gbps's child process imports it without
 # transformers (seconds of start-up per process). Re-exported for callers of metrics.
-from lsbench.bandwidth import COPY_BYTES, measure_copy_gbps  # noqa: F401
-from lsbench.errors import LsbenchError
-from lsbench.models import EarlyExitModel, EvalCounts
+from lsbench.scenario.bandwidth import COPY_BYTES, measure_copy_gbps  # noqa: F401
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -149,8 +150,9 @@ def _peak_gbps(device: str) -> float:
     if torch.device(device).type != "cpu":
         return measure_copy_gbps(device)
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            "from lsbench.bandwidth import measure_copy_gbps; print(measure_copy_gbps('cpu'))")
-    root = str(Path(__file__).resolve().parent.parent)
+            "from lsbench.scenario.bandwidth import measure_copy_gbps; "
+            "print(measure_copy_gbps('cpu'))")
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     try:

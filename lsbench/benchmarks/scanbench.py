@@ -1,6 +1,6 @@
 """`make bench-scan`: what `lsbench scan` costs and how well it predicts, in one process.
 
-    python -m lsbench.scanbench [--model smollm2-135m] [--dataset lee-news] [--prompts 4]
+    python -m lsbench.benchmarks.scanbench [--model smollm2-135m] [--dataset lee-news] [--prompts 4]
                                 [--max-new-tokens 48] [-k 1:8] [--points 8:4,16:4,24:2]
 
 1. The whole scan (every exit layer 1..L-1 x k, plus the confidence-stopped drafter) on the
@@ -23,15 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsbench.bench import run_timed
+from lsbench.backend.models import model_num_layers
+from lsbench.benchmarks.bench import run_timed
 from lsbench.errors import LsbenchError
-from lsbench.jobs import RunSpec, Settings
-from lsbench.models import model_num_layers
-from lsbench.report import to_markdown
-from lsbench.runner import run_job
-from lsbench.scan import run_scan, scan_spec, verify_job
-from lsbench.scan_report import predicted_vs_measured, surface
-from lsbench.store import ResultStore
+from lsbench.reporting.report import to_markdown
+from lsbench.reporting.scan_report import predicted_vs_measured, surface
+from lsbench.results.store import ResultStore
+from lsbench.scenario.jobs import RunSpec, Settings
+from lsbench.scenario.runner import run_job
+from lsbench.scenario.scan import run_scan, scan_spec, verify_job
 
 
 def _points(text: str, num_layers: int) -> list[tuple[int, int]]:

@@ -26,10 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsbench.data import load_examples
 from lsbench.errors import LsbenchError, one_line
-from lsbench.jobs import JobSpec, RunSpec
-from lsbench.runner import (
+from lsbench.results.store import ResultStore
+from lsbench.scenario.data import load_examples
+from lsbench.scenario.jobs import JobSpec, RunSpec
+from lsbench.scenario.runner import (
     JobOutcome,
     ProgressEvent,
     begin_job,
@@ -43,7 +44,7 @@ from lsbench.runner import (
     validate,
     warm_up,
 )
-from lsbench.scan import (
+from lsbench.scenario.scan import (
     ScanResult,
     ScanSpec,
     calibrate_scan,
@@ -52,7 +53,6 @@ from lsbench.scan import (
     scan_result,
     validate_scan,
 )
-from lsbench.store import ResultStore
 
 INSTALL_HINT = "--ray needs Ray: pip install 'lsbench[cluster]'"
 

@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lsbench.errors import LsbenchError
-from lsbench.plots import FORMATS, HEIGHT, PANEL_WIDTH
-from lsbench.scan_report import surface
+from lsbench.reporting.plots import FORMATS, HEIGHT, PANEL_WIDTH
+from lsbench.reporting.scan_report import surface
 
 KEYS = ["source_file", "model", "dataset"]
 

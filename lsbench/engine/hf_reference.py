@@ -17,9 +17,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig, Generation, prompt_tensor, sync
-from lsbench.models import (
+from lsbench.backend.models import (
     EarlyExitModel,
     EvalCounts,
     attended_pairs,
@@ -27,7 +25,9 @@ from lsbench.models import (
     check_draft_vocabulary,
     check_exit_layers,
 )
-from lsbench.prompt_lookup import MAX_NGRAM
+from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
+from lsbench.engine.prompt_lookup import MAX_NGRAM
+from lsbench.errors import LsbenchError
 
 HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit", "hf-pld")
 

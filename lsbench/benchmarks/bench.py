@@ -1,8 +1,8 @@
 """`make bench-engine`: lsbench's engine against transformers' generate() on the embedded
 model, measured side by side in one process on the same prompts, printed as ratios.
 
-    python -m lsbench.bench [--prompts 3] [--max-new-tokens 48] [--k 4] [--exit-layers 8,16,24,28]
-                            [--dtype float32] [--device cpu]
+    python -m lsbench.benchmarks.bench [--prompts 3] [--max-new-tokens 48] [--k 4]
+        [--exit-layers 8,16,24,28] [--dtype float32] [--device cpu]
 
 Strategies alternate per prompt (A B, then B A) so slow drift of the machine hits both sides,
 and each (strategy, prompt) keeps its fastest repeat: interference from other processes only
@@ -31,18 +31,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from lsbench.costs import (  # noqa: F401  (UnitCosts re-exported)
+from lsbench.backend.models import EarlyExitModel, check_exit_layers, load_model
+from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.strategies import generate
+from lsbench.errors import LsbenchError
+from lsbench.scenario.costs import (  # noqa: F401  (UnitCosts re-exported)
     UnitCosts,
     measure_unit_costs,
     policy_from_unit_costs,
 )
-from lsbench.data import DatasetSpec, build_prompt, load_examples
-from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig
-from lsbench.jobs import parse_int_list
-from lsbench.models import EarlyExitModel, check_exit_layers, load_model
-from lsbench.runner import stop_token_ids
-from lsbench.strategies import generate
+from lsbench.scenario.data import DatasetSpec, build_prompt, load_examples
+from lsbench.scenario.jobs import parse_int_list
+from lsbench.scenario.runner import stop_token_ids
 
 AR_TARGET, EXIT_TARGET, PLD_TARGET = 0.97, 1.25, 1.10
 TARGETS = {"ar": AR_TARGET, "layerskip": EXIT_TARGET, "pld": PLD_TARGET}

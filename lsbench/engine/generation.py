@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lsbench.backend.models import EarlyExitModel, EvalCounts
 from lsbench.errors import LsbenchError
-from lsbench.models import EarlyExitModel, EvalCounts
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Generation:
     draft_decode_counts: EvalCounts | None = None
     kv_cache_bytes: int = 0  # bytes of the KV-cache tensors allocated at the run's peak
     draft_s: float = 0.0  # seconds spent proposing drafts (lsbench's speculative loops)
-    # The speculative engine's policy as run (`lsbench.policy`), for the scan's replay:
+    # The speculative engine's policy as run (`lsbench.engine.policy`), for the scan's replay:
     eager_head: bool = False  # verify head over all rows at once (else lazy: row 0 first)
     defer_threshold: float | None = None  # measured deferral break-even; None: the E/L rule
     device_loop: bool = False  # greedy rounds with one device-to-host transfer (CUDA)

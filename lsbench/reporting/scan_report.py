@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lsbench.errors import LsbenchError
-from lsbench.scan_schema import SCAN_COLUMNS, SCAN_METADATA_KEY
+from lsbench.results.scan_schema import SCAN_COLUMNS, SCAN_METADATA_KEY
 
 POINT_KEYS = ["strategy", "exit_layer", "draft_model", "num_speculations",
               "confidence_threshold"]

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from lsbench import __version__
 from lsbench.errors import LsbenchError, one_line
-from lsbench.schema import ARROW_SCHEMA, COLUMN_NAMES, REMOVED_COLUMNS, SCHEMA_VERSION
+from lsbench.results.schema import ARROW_SCHEMA, COLUMN_NAMES, REMOVED_COLUMNS, SCHEMA_VERSION
 
 METADATA_KEY = b"lsbench"
 CREATED_BY = f"lsbench {__version__}"

@@ -16,18 +16,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig, Generation, prompt_tensor, sync
-from lsbench.hf_reference import HF_STRATEGIES, generate_hf
-from lsbench.models import (
+from lsbench.backend.models import (
     EarlyExitModel,
     cache_bytes,
     check_draft_vocabulary,
     check_exit_layers,
     crop_cache,
 )
-from lsbench.policy import EnginePolicy, defer_last_draft
-from lsbench.prompt_lookup import MAX_NGRAM, lookup_drafts
+from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
+from lsbench.engine.hf_reference import HF_STRATEGIES, generate_hf
+from lsbench.engine.policy import EnginePolicy, defer_last_draft
+from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
+from lsbench.errors import LsbenchError
 
 STRATEGIES = ("ar", "spec", "layerskip", "pld", "exit", *HF_STRATEGIES)
 LOSSY = ("exit",)  # strategies whose output may differ from the full model's by design
@@ -162,7 +162,7 @@ class VerifyLogits:
         return self.rows[i]
 
 
-# `defer_last_draft` (lsbench.policy) decides, per round, whether the self-speculator leaves
+# `defer_last_draft` (lsbench.engine.policy) decides, per round, whether the self-speculator leaves
 # its last draft out of verification.
 #
 # Cache invariant between rounds: every layer of the target cache holds exactly the committed
@@ -440,7 +440,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     """`layerskip` when exit_layer is given, `spec` when a draft model is given, `pld` with
     prompt_lookup.
 
-    policy: the verify head's shape and the deferral break-even (`lsbench.policy`); by
+    policy: the verify head's shape and the deferral break-even (`lsbench.engine.policy`); by
     default the model's calibration at this k (`costs.calibrate`), else the lazy head and the
     E/L rule. device_loop (default: greedy on a non-CPU device): drafts stay on the device and
     each round hands the drafts and the verify argmaxes to the host in one transfer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from lsbench.schema import ENVIRONMENT_COLUMNS
+from lsbench.results.schema import ENVIRONMENT_COLUMNS
 
 SCAN_SCHEMA_VERSION = 2  # 2: host and worker
 SCAN_METADATA_KEY = b"lsbench-scan"

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsbench.data import DatasetSpec
+from lsbench.backend.models import check_exit_layers, resolve_device, resolve_dtype
+from lsbench.engine.generation import DecodingConfig
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig
-from lsbench.models import check_exit_layers, resolve_device, resolve_dtype
+from lsbench.scenario.data import DatasetSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

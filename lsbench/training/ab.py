@@ -4,7 +4,7 @@ without, then swept on held-out news articles with the ordinary `lsbench sweep` 
 drawn side by side with a Markdown summary. Each twin is also scanned (`lsbench scan`) right
 after its sweep, and the summary checks the scan's predictions against that measured grid.
 
-    python -m lsbench.ab [--out results/ab] [--plots plots/ab] [--tokens N]
+    python -m lsbench.training.ab [--out results/ab] [--plots plots/ab] [--tokens N]
 
 The twins train in parallel, one thread each (2 cores); the sweeps and scans then run one at
 a time so that their timings do not disturb each other.
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lsbench.recipe import Recipe
-from lsbench.train import HELDOUT_FILE, LOG_FILE, TrainConfig, output_dir
+from lsbench.training.recipe import Recipe
+from lsbench.training.train import HELDOUT_FILE, LOG_FILE, TrainConfig, output_dir
 
-SWEEP_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "ab-twins.toml"
+SWEEP_FILE = Path(__file__).resolve().parents[2] / "sweeps" / "ab-twins.toml"
 TWINS = {"baseline": "tiny-baseline", "layerskip": "tiny-layerskip"}
 # The twins' shared settings; only the recipe differs.
 AB_TRAIN = TrainConfig(
@@ -49,7 +49,7 @@ def _train_one(cfg: TrainConfig) -> str:
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    from lsbench.train import train
+    from lsbench.training.train import train
 
     return str(train(cfg).path)
 
@@ -74,7 +74,7 @@ def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> Non
 
 def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE):
     """The sweep file's settings for twin `name` on the held-out articles in `out`."""
-    from lsbench.jobs import Settings
+    from lsbench.scenario.jobs import Settings
 
     settings = Settings.from_file(sweep_file)
     settings.override("", "model", name)
@@ -83,10 +83,10 @@ def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE):
 
 
 def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
-    from lsbench.jobs import sweep_job
-    from lsbench.models import model_num_layers
-    from lsbench.runner import run_job
-    from lsbench.store import ResultStore
+    from lsbench.backend.models import model_num_layers
+    from lsbench.results.store import ResultStore
+    from lsbench.scenario.jobs import sweep_job
+    from lsbench.scenario.runner import run_job
 
     job = sweep_job(twin_settings(name, out, sweep_file), model_num_layers(name))
     path = out / f"{name}.parquet"
@@ -98,8 +98,8 @@ def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
 def scan_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
     """`lsbench scan` of twin `name` with its sweep's settings (examples, decoding, device,
     exit layers and k; no prompt lookup), into out/<name>.scan.parquet and its trace file."""
-    from lsbench.models import model_num_layers
-    from lsbench.scan import run_scan, scan_spec, write_scan
+    from lsbench.backend.models import model_num_layers
+    from lsbench.scenario.scan import run_scan, scan_spec, write_scan
 
     spec = scan_spec(twin_settings(name, out, sweep_file), model_num_layers(name), pld=False)
     path, _ = write_scan(run_scan(spec), out / f"{name}.scan.parquet")
@@ -110,7 +110,7 @@ def scan_checks(df: pd.DataFrame, scans: dict[str, Path],
                 twins: dict[str, str] = TWINS) -> dict[str, dict]:
     """Per twin: its scan against its fully measured layerskip grid (`scan_report.grid_check`),
     the best points chosen below the last layer as in the summary's best settings."""
-    from lsbench.scan_report import grid_check, read_scans
+    from lsbench.reporting.scan_report import grid_check, read_scans
 
     checks = {}
     for kind, path in scans.items():
@@ -175,7 +175,7 @@ def summary_markdown(df: pd.DataFrame, logs: dict[str, dict], wall_s: float,
                      scans: dict[str, dict] | None = None) -> tuple[str, dict]:
     """The A/B summary of two swept twins; `twins` maps baseline/layerskip to model names;
     `scans`, per twin, its scan against the grid (`scan_checks`), a section of its own."""
-    from lsbench.report import summarize
+    from lsbench.reporting.report import summarize
 
     s = summarize(df)
     num_layers = int(s["model_num_layers"].iloc[0])
@@ -270,8 +270,8 @@ def run_ab(base: TrainConfig, recipe: Recipe, out: Path, plots: Path,
             f"{losses[str(len(losses))]:.3f}")
     shutil.copyfile(paths["layerskip"] / HELDOUT_FILE, out / "heldout-news.jsonl")
 
-    from lsbench.plots import plot_sweep
-    from lsbench.store import read_results
+    from lsbench.reporting.plots import plot_sweep
+    from lsbench.results.store import read_results
 
     results, scans = [], {}
     for kind, name in TWINS.items():  # one at a time: no timing runs beside another

@@ -26,12 +26,21 @@ import torch
 import transformers
 
 from lsbench import __version__
-from lsbench.costs import calibrate
-from lsbench.data import Example, Prompt, build_prompt, check_dataset, load_examples
+from lsbench.backend.models import (
+    EarlyExitModel,
+    LoadedModel,
+    load_model,
+    locate_model,
+)
+from lsbench.engine.generation import DecodingConfig, Generation
+from lsbench.engine.strategies import LOSSY, generate
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig, Generation
-from lsbench.jobs import BASELINES, JobSpec, RunSpec, baseline_of
-from lsbench.metrics import (
+from lsbench.results.schema import SCHEMA_VERSION
+from lsbench.results.store import ResultStore
+from lsbench.scenario.costs import calibrate
+from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
+from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
+from lsbench.scenario.metrics import (
     FlopModel,
     WeightModel,
     agreement,
@@ -48,15 +57,6 @@ from lsbench.metrics import (
     teacher_forced_logits,
     weight_bytes,
 )
-from lsbench.models import (
-    EarlyExitModel,
-    LoadedModel,
-    load_model,
-    locate_model,
-)
-from lsbench.schema import SCHEMA_VERSION
-from lsbench.store import ResultStore
-from lsbench.strategies import LOSSY, generate
 
 WARMUP_TOKENS = 16  # warm-up generations are short: they only need every kernel shape once
 # What must be equal for two rows to be compared (beyond the run id: model, data, decoding,

@@ -1,6 +1,6 @@
 """`make bench-store`: what appending one result row costs as the results grow.
 
-    python -m lsbench.bench_store [--sizes 1000,5000,10000,25000,50000] [--window 500]
+    python -m lsbench.benchmarks.bench_store [--sizes 1000,5000,10000,25000,50000] [--window 500]
 
 One locked ResultStore in a temp directory receives rows one at a time, as a sweep stores
 them; at each size N the next `window` appends are timed and printed as
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lsbench.schema import COLUMNS
-from lsbench.store import ResultStore
+from lsbench.results.schema import COLUMNS
+from lsbench.results.store import ResultStore
 
 TARGET_MS, TARGET_GROWTH = 5.0, 2.0
 LAYERS, OUTPUT_IDS = 30, 64

@@ -4,8 +4,8 @@ Per example: one timed greedy autoregressive generation x (the measured baseline
 teacher-forced forward over prompt + x that keeps, after every decoder layer, the top-1 token
 and probability of the model's own final norm + LM head at every output position (never the
 full L x T x vocab logits: the head runs in row chunks). Greedy speculative decoding is then
-replayed round by round for every (E, k) (`lsbench.replay`) and priced with unit costs
-measured in the same process (`lsbench.costs`). Never prints: progress goes to a callback.
+replayed round by round for every (E, k) (`lsbench.scenario.replay`) and priced with unit costs
+measured in the same process (`lsbench.scenario.costs`). Never prints: progress goes to a callback.
 """
 
 from __future__ import annotations
@@ -26,28 +26,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lsbench.costs import CostTable, measure_cost_table, with_draft_costs
-from lsbench.data import build_prompt, load_examples
+from lsbench.backend.models import EarlyExitModel, check_exit_layers
+from lsbench.engine.generation import DecodingConfig, Generation
+from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
-from lsbench.generation import DecodingConfig, Generation
-from lsbench.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
-from lsbench.models import EarlyExitModel, check_exit_layers
-from lsbench.replay import Replay, replay, replay_pld
-from lsbench.runner import (
-    ProgressEvent,
-    environment,
-    load_job_models,
-    stop_token_ids,
-    validate,
-)
-from lsbench.scan_schema import (
+from lsbench.results.scan_schema import (
     SCAN_COLUMNS,
     SCAN_METADATA_KEY,
     SCAN_SCHEMA_VERSION,
     TRACE_COLUMNS,
     arrow_schema,
 )
-from lsbench.strategies import generate
+from lsbench.scenario.costs import CostTable, measure_cost_table, with_draft_costs
+from lsbench.scenario.data import build_prompt, load_examples
+from lsbench.scenario.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
+from lsbench.scenario.replay import Replay, replay, replay_pld
+from lsbench.scenario.runner import (
+    ProgressEvent,
+    environment,
+    load_job_models,
+    stop_token_ids,
+    validate,
+)
 
 DEFAULT_KS = "1:8"
 DEFAULT_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -459,7 +459,7 @@ def write_scan(result: ScanResult, path: str | Path) -> tuple[Path, Path]:
 def verify_job(spec: ScanSpec, points: pd.DataFrame) -> JobSpec:
     """The ordinary sweep job that times `points` (rows of `scan_report.top_points`): same
     model, examples, decoding and device as the scan, baseline first."""
-    from lsbench.jobs import RunSpec
+    from lsbench.scenario.jobs import RunSpec
 
     runs = [RunSpec(str(p["strategy"]), int(p["exit_layer"]), int(p["num_speculations"]),
                     str(p["draft_model"])) for _, p in points.iterrows()]

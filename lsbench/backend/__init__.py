@@ -1,0 +1,1 @@
+"""Backend: loading models and the early-exit adapter over them."""

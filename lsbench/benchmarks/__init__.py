@@ -1,0 +1,1 @@
+"""The `make bench-*` commands: ratios measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""The decoding loops: lsbench's speculators and transformers' reference harness."""

@@ -1,0 +1,1 @@
+"""Where a job runs beyond this process: Ray actors and Slurm-style shards."""

@@ -1,0 +1,1 @@
+"""The results store (Parquet + part files) and the row schemas."""

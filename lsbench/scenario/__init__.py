@@ -1,0 +1,1 @@
+"""What is measured: jobs, datasets, metrics, the per-example runner and the scan."""

@@ -1,0 +1,1 @@
+"""The LayerSkip training recipe, `lsbench train` and the `make ab` twins."""
