@@ -55,7 +55,7 @@ qwen-pair: setup
 
 # The offline A/B: train a baseline twin and a LayerSkip twin (tiny Llama, BPE 4096, ~850k
 # tokens each, 2 CPU cores), sweep and scan both on held-out news, draw them side by side.
-# Writes results/ab/summary.md and plots/ab/*.png; about 9 minutes before the scans.
+# Writes results/ab/summary.md and plots/ab/*.png; about 8 minutes, scans included.
 ab: setup
 	$(BIN)/python -m lsbench.training.ab --out results/ab --plots plots/ab
 
