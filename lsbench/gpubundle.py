@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsbench.errors import LsbenchError, one_line
+from lsbench.errors import LsbenchError, one_line, run_main
 from lsbench.gpuinstall import FORMAT, MANIFEST, sha256_file
 from lsbench.scenario import data
 
@@ -208,8 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LsbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lsbench.errors import LsbenchError, one_line
+from lsbench.errors import LsbenchError, one_line, run_main
 from lsbench.training.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -743,8 +743,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LsbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

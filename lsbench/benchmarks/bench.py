@@ -34,7 +34,7 @@ from collections.abc import Callable
 from lsbench.backend.models import EarlyExitModel, check_exit_layers, load_model
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
-from lsbench.errors import LsbenchError
+from lsbench.errors import run_main
 from lsbench.scenario.costs import (  # noqa: F401  (UnitCosts re-exported)
     UnitCosts,
     measure_unit_costs,
@@ -156,13 +156,13 @@ def run_timed(entry: Callable[[], int]) -> None:
     """A benchmark script's `__main__`: bad input is one line and exit 1; otherwise the
     wall time, then the entry's exit status."""
     t0 = time.perf_counter()
-    try:
+
+    def timed() -> int:
         code = entry()
-    except LsbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(f"({time.perf_counter() - t0:.0f} s)")
-    sys.exit(code)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return code
+
+    run_main(timed)
 
 
 if __name__ == "__main__":

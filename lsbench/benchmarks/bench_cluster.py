@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lsbench.backend.models import load_tokenizer, model_num_layers
+from lsbench.errors import run_main
 from lsbench.launcher.ray_cluster import RayTarget, run_job_on_ray
 from lsbench.results.store import ResultStore
 from lsbench.scenario.jobs import JobSpec, Settings, sweep_job
@@ -100,4 +101,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

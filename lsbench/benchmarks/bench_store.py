@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lsbench.errors import run_main
 from lsbench.results.schema import COLUMNS
 from lsbench.results.store import ResultStore
 
@@ -87,4 +88,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

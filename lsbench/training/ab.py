@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lsbench.errors import run_main
 from lsbench.training.recipe import Recipe
 from lsbench.training.train import HELDOUT_FILE, LOG_FILE, TrainConfig, output_dir
 
@@ -310,4 +310,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
