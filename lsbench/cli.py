@@ -103,11 +103,22 @@ Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N 
                   "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
 
-def _settings(file: Path | None, overrides: dict[tuple[str, str], object]):
+def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, model, dataset,
+              limit, max_input_tokens, max_new_tokens, sample, temperature, top_p, top_k,
+              seed, dtype, device, threads):
+    """The file's settings with the command's options on top: the options every measuring
+    command shares (model, data, decoding, device) and the command's own `overrides`."""
     from lsbench.scenario.jobs import Settings
 
     s = Settings.from_file(file)
-    for (section, key), value in overrides.items():
+    shared = {
+        ("", "model"): model, ("data", "dataset"): dataset, ("data", "limit"): limit,
+        ("data", "max_input_tokens"): max_input_tokens,
+        ("decoding", "max_new_tokens"): max_new_tokens, ("decoding", "sample"): sample,
+        ("decoding", "temperature"): temperature, ("decoding", "top_p"): top_p,
+        ("decoding", "top_k"): top_k, ("decoding", "seed"): seed, ("", "dtype"): dtype,
+        ("", "device"): device, ("", "threads"): threads}
+    for (section, key), value in {**shared, **overrides}.items():
         s.override(section, key, value)
     return s
 
@@ -297,15 +308,12 @@ def sweep(
 
     def body() -> None:
         s = _settings(sweep_file, {
-            ("", "model"): model, ("data", "dataset"): dataset, ("data", "limit"): limit,
-            ("data", "max_input_tokens"): max_input_tokens,
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
             ("sweep", "strategies"): strategy or None, ("sweep", "repeats"): repeats,
-            ("sweep", "warmup"): warmup, ("decoding", "max_new_tokens"): max_new_tokens,
-            ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
-            ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
-            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
-            ("", "threads"): threads})
+            ("sweep", "warmup"): warmup},
+            model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
+            max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
         if s.get("sweep", "exit_layers") == "auto":
             if shard is not None or device_map is not None:
                 raise LsbenchError("--exit-layers auto scans first; drop --shard and "
@@ -344,17 +352,14 @@ def compare(
 
     def body() -> None:
         s = _settings(compare_file, {
-            ("", "model"): model, ("compare", "drafts"): draft or None,
+            ("compare", "drafts"): draft or None,
             ("compare", "early_exit"): ",".join(early_exit) if early_exit else None,
             ("compare", "num_speculations"): num_speculations,
-            ("compare", "hf_reference"): hf_reference,
-            ("data", "dataset"): dataset, ("data", "limit"): limit,
-            ("data", "max_input_tokens"): max_input_tokens, ("compare", "repeats"): repeats,
-            ("compare", "warmup"): warmup, ("decoding", "max_new_tokens"): max_new_tokens,
-            ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
-            ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
-            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
-            ("", "threads"): threads})
+            ("compare", "hf_reference"): hf_reference, ("compare", "repeats"): repeats,
+            ("compare", "warmup"): warmup},
+            model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
+            max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
         if not s.get("", "name"):
             s.override("", "name", "compare")
         _measure(compare_job, s, out, force, "compare", shard, ray, device_map)
@@ -394,15 +399,11 @@ def scan(
     example: exact acceptance and rounds, and speedup priced with measured unit costs."""
     def body() -> None:
         s = _settings(sweep_file, {
-            ("", "model"): model, ("data", "dataset"): dataset, ("data", "limit"): limit,
-            ("data", "max_input_tokens"): max_input_tokens,
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
-            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup,
-            ("decoding", "max_new_tokens"): max_new_tokens,
-            ("decoding", "sample"): sample, ("decoding", "temperature"): temperature,
-            ("decoding", "top_p"): top_p, ("decoding", "top_k"): top_k,
-            ("decoding", "seed"): seed, ("", "dtype"): dtype, ("", "device"): device,
-            ("", "threads"): threads})
+            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup},
+            model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
+            max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
         _scan(s, draft or [], thresholds, verify, out, pld=pld, ray_text=ray)
 
     _guarded(body, out)
