@@ -62,7 +62,7 @@ ab: setup
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 
-# The prepared GPU check (lsbench/gpucheck.py): environment and copy bandwidth, CUDA and
+# The prepared GPU check (lsbench/gpu/check.py): environment and copy bandwidth, CUDA and
 # exactness tests in fp32/bf16, bench-engine, the quickstart sweep, and SmolLM2-135M trained on
 # twice (LayerSkip recipe vs baseline) and swept; each step within its share of GPU_BUDGET
 # seconds. Writes GPU_OUT/summary.md, summary.json and figures. On a machine whose python
@@ -72,15 +72,15 @@ GPU_BUDGET ?= 480
 GPU_ARGS ?=
 GPU_PYTHON ?= $(BIN)/python
 # GPU_BUNDLE=DIR (made by `make gpu-bundle`, copied over part by part): verified, installed into
-# GPU_SITE by lsbench/gpuinstall.py (stdlib + pip only), then the check runs with it, offline.
+# GPU_SITE by lsbench/gpu/install.py (stdlib + pip only), then the check runs with it, offline.
 GPU_BUNDLE ?=
 GPU_SITE ?= /tmp/lsbench-site
 gpu-check:
 	@if [ "$(GPU_PYTHON)" = "$(BIN)/python" ]; then $(MAKE) setup; fi
-	$(if $(GPU_BUNDLE),$(GPU_PYTHON) -m lsbench.gpuinstall $(GPU_BUNDLE) --target $(GPU_SITE) -- )$(GPU_PYTHON) -m lsbench.gpucheck --out $(GPU_OUT) --budget $(GPU_BUDGET) $(GPU_ARGS)
+	$(if $(GPU_BUNDLE),$(GPU_PYTHON) -m lsbench.gpu.install $(GPU_BUNDLE) --target $(GPU_SITE) -- )$(GPU_PYTHON) -m lsbench.gpu.check --out $(GPU_OUT) --budget $(GPU_BUDGET) $(GPU_ARGS)
 
 # What an offline GPU machine (CUDA torch, transformers etc. already there) lacks for
 # gpu-check, downloaded here: gpu-bundle/part-1, part-2, ... of at most GPU_PART_MIB MiB each.
 GPU_PART_MIB ?= 56
 gpu-bundle: setup
-	$(BIN)/python -m lsbench.gpubundle --out gpu-bundle --part-mib $(GPU_PART_MIB)
+	$(BIN)/python -m lsbench.gpu.bundle --out gpu-bundle --part-mib $(GPU_PART_MIB)

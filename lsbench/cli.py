@@ -23,7 +23,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from lsbench import __version__
 from lsbench.errors import LsbenchError
@@ -143,14 +142,14 @@ def _measure(job_builder: Callable[[object, int], object], settings, out_path: P
                                "device")
         import_ray()  # the install hint before anything is loaded
     if device_map:
-        from lsbench.backend.models import parse_device_map
+        from lsbench.backend.loading import parse_device_map
 
         parse_device_map(device_map)
     model = settings.get("", "model")
     if not model:
         raise LsbenchError("no model given: pass --model or a sweep file that sets model")
     # Refuse unknown models, datasets and out-of-range layers before loading anything.
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.scenario.data import check_dataset
 
     check_dataset(settings.get("data", "dataset", "lee-news"))
@@ -207,77 +206,13 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
 
 
 def _print_sweep_table(df) -> None:
-    from lsbench.reporting.report import format_cell, sweep_table
+    from lsbench.reporting.terminal import sweep_renderables
 
-    table = sweep_table(df)
-    for (model, dataset), rows in table.groupby(["model", "dataset"], sort=False):
-        t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs the same "
-                        "engine's autoregressive decoding in the same process (95% CI over "
-                        "examples)", title_justify="left")
-        # Columns that only transformers' references (lsbench vs transformers), prompt lookup
-        # (rounds without a match) or lossy rows (agreement with autoregressive decoding) fill
-        # appear only with such rows.
-        cols = ["run", "k", "tokens/s", "speedup"]
-        cols += ["vs transformers"] if rows["strategy"].str.startswith("hf-").any() else []
-        cols += ["acceptance"]
-        cols += ["no-draft rounds"] if rows["strategy"].eq("pld").any() else []
-        cols += ["accepted len", "ROUGE-L"]
-        cols += ["agreement"] if rows["lossy"].any() else []
-        cols += ["roofline", "lossless"]
-        for c in cols:
-            header = {"speedup": "speedup [95% CI]", "vs transformers": "vs HF"}.get(c, c)
-            t.add_column(header, justify="left" if c == "run" else "right")
-        for _, row in rows.iterrows():
-            label = {"ar": "autoregressive (baseline)",
-                     "hf-ar": "autoregressive (transformers baseline)"}.get(row["strategy"],
-                                                                           row["draft"])
-            if row["strategy"].startswith("hf-") and row["strategy"] != "hf-ar":
-                label = f"{label} (transformers)"
-            cells = [label, "—" if row["strategy"] in ("ar", "hf-ar", "exit") else str(row["k"])]
-            cells += [format_cell(c, row[c]) for c in cols[2:-1]]
-            if row["speedup 95% CI"] != "—" and row["strategy"] not in ("ar", "hf-ar"):
-                cells[3] += f" [{row['speedup 95% CI']}]"
-            match = row["lossless"]
-            cells.append("lossy" if row["lossy"] else "—" if match != match else
-                         "yes" if match == 1 else f"{match:.0%} ({row['verdict']})")
-            style = ("bold green" if row["best"] else "yellow" if row["lossy"]
-                     else "cyan" if row["strategy"] == "ar" else None)
-            t.add_row(*cells, style=style)
-        out.print(t)
-        base = rows[rows["strategy"] == "ar"]
-        if len(base) and base.iloc[0]["roofline"] == base.iloc[0]["roofline"]:
-            b = base.iloc[0]
-            out.print(f"roofline: autoregressive decoding reads weights at "
-                      f"{format_cell('weights GB/s', b['weights GB/s'])} GB/s, "
-                      f"{format_cell('roofline', b['roofline'])} of this device's memory copy "
-                      f"bandwidth ({format_cell('peak GB/s', b['peak GB/s'])} GB/s)",
-                      highlight=False)
-        best = rows[rows["best"]]
-        if len(best):
-            b = best.iloc[0]
-            verdict = ("faster than" if b["speedup"] > 1 else
-                       "every lossless setting is slower than")
-            k = f", k={b['k']}" if b["k"] else ""
-            out.print(f"best lossless: {escape(_run_name(b))}{k} at "
-                      f"{format_cell('speedup', b['speedup'])}: {verdict} its engine's "
-                      "autoregressive decoding",
-                      highlight=False, soft_wrap=True)
-        lossy = rows[rows["best lossy"]]
-        if len(lossy):
-            b = lossy.iloc[0]
-            quality = (f"ROUGE-L {format_cell('ROUGE-L', b['ROUGE-L'])}"
-                       if b["ROUGE-L"] == b["ROUGE-L"] else "no references")
-            out.print(f"best lossy: {escape(_run_name(b))} at "
-                      f"{format_cell('speedup', b['speedup'])} with {quality}, "
-                      f"{format_cell('agreement', b['agreement'])} of positions agreeing with "
-                      "autoregressive decoding (not lossless, not in the verdict above)",
-                      highlight=False, soft_wrap=True)
-
-
-def _run_name(row) -> str:
-    """A sweep-table row as the verdict names it: what drafts, and whose implementation."""
-    name = row["draft"] if row["draft"] != "—" else row["strategy"]
-    return f"{name} (transformers)" if row["strategy"].startswith("hf-") else name
+    for item in sweep_renderables(df):
+        if isinstance(item, str):  # a verdict line: plain text, no markup, no highlighting
+            out.print(item, markup=False, highlight=False, soft_wrap=True)
+        else:
+            out.print(item)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -461,7 +396,7 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
           out_path: Path | None, *, pld: bool = True, ray_text: str | None = None):
     """Run a scan with a progress bar, write its files, print its tables; returns the spec,
     the scan rows and the path."""
-    from lsbench.backend.models import locate_model, model_num_layers
+    from lsbench.backend.loading import locate_model, model_num_layers
     from lsbench.reporting import scan_report
     from lsbench.scenario.data import check_dataset
     from lsbench.scenario.scan import run_scan, scan_spec, write_scan

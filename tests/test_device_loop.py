@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from lsbench.backend.models import EarlyExitModel
+from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.policy import EnginePolicy, defer_last_draft
 from lsbench.engine.strategies import generate, generate_speculative

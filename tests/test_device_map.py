@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lsbench.backend.models import EarlyExitModel, load_model, parse_device_map
+from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.backend.loading import load_model, parse_device_map
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError

@@ -27,3 +27,21 @@ def test_readme_documents_every_scan_column():
 
     documented = set(re.findall(r"^\| `([a-zA-Z0-9_]+)` \|", README, flags=re.M))
     assert documented >= {name for name, _, _ in [*SCAN_COLUMNS, *TRACE_COLUMNS]}
+
+
+def test_readme_module_table_matches_the_tree():
+    """Every module of the package has a line in the README's module table, under its room,
+    and the table names no module that is gone."""
+    table = README.split("| module | job |", 1)[1].split("\n\n", 1)[0]
+    documented, room = set(), ""
+    for line in table.splitlines()[2:]:
+        first = line.split("|")[1].strip()
+        if first.startswith("**`"):
+            room = first.strip("*`").rstrip("/") + "/"
+            continue
+        for name in re.findall(r"`([^`]+\.py)`", first):
+            documented.add(name if "/" in name else f"lsbench/{room}{name}")
+    package = Path(__file__).parents[1] / "lsbench"
+    tree = {f"lsbench/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")
+            if p.name != "__init__.py"}
+    assert documented == tree

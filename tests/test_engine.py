@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lsbench.backend.models import EarlyExitModel, check_architecture
+from lsbench.backend.early_exit import EarlyExitModel, check_architecture
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import defer_last_draft, generate, generate_speculative
 from lsbench.errors import LsbenchError

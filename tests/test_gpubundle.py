@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from lsbench import gpubundle, gpuinstall
-from lsbench.backend import models
+from lsbench.backend import loading
 from lsbench.errors import LsbenchError
-from lsbench.gpubundle import MANIFEST_RESERVE, BundleFile, layout
+from lsbench.gpu import bundle as gpubundle
+from lsbench.gpu import install as gpuinstall
+from lsbench.gpu.bundle import MANIFEST_RESERVE, BundleFile, layout
 from lsbench.scenario import data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +166,7 @@ def test_installer_installs_a_wheel_and_runs_the_command_with_it(tmp_path):
     # the one command: install (skipped here), print the exports, then run with them set
     probe = ("import os, hello_lsbench; "
              "print('probe', hello_lsbench.VALUE, os.environ['LSBENCH_GENSIM_DATA'])")
-    proc = subprocess.run([sys.executable, "-m", "lsbench.gpuinstall", str(out), "--target",
+    proc = subprocess.run([sys.executable, "-m", "lsbench.gpu.install", str(out), "--target",
                            str(target), "--", sys.executable, "-c", probe],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -199,7 +200,7 @@ def _pins(text: str) -> dict[str, str]:
 def test_bundle_pins_are_the_project_pins():
     """The bundle carries the versions the test suite runs here, not newer or older ones."""
     constraints = _pins((ROOT / "constraints.txt").read_text())
-    embedded = _pins(" ".join(models.EMBEDDED_PIP.values()))
+    embedded = _pins(" ".join(loading.EMBEDDED_PIP.values()))
     for requirement, how in gpubundle.BUNDLE_WHEELS:
         ((name, version),) = _pins(requirement).items()
         assert constraints.get(name, embedded.get(name)) == version, requirement
@@ -234,10 +235,10 @@ def test_make_gpu_check_with_a_bundle_is_one_command():
                            "GPU_BUNDLE=gpu-bundle"], cwd=ROOT, capture_output=True, text=True,
                           check=True)
     (line,) = [x for x in proc.stdout.splitlines() if "lsbench.gpu" in x]
-    assert line.startswith("python3 -m lsbench.gpuinstall gpu-bundle --target /tmp/lsbench-site"
-                           " -- python3 -m lsbench.gpucheck --out results/gpu")
+    assert line.startswith("python3 -m lsbench.gpu.install gpu-bundle --target /tmp/lsbench-site"
+                           " -- python3 -m lsbench.gpu.check --out results/gpu")
     # the installer needs nothing beyond the standard library (and pip, as a program)
-    source = (ROOT / "lsbench" / "gpuinstall.py").read_text()
+    source = (ROOT / "lsbench" / "gpu" / "install.py").read_text()
     imports = set(re.findall(r"^(?:from|import) (\w+)", source, re.M))
     assert imports <= {"__future__", "argparse", "hashlib", "json", "os", "shutil",
                        "subprocess", "sys", "tempfile", "pathlib"}, imports

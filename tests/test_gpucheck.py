@@ -1,4 +1,4 @@
-"""`python -m lsbench.gpucheck --device cpu --tiny`: the GPU check's dry run, end to end, so
+"""`python -m lsbench.gpu.check --device cpu --tiny`: the GPU check's dry run, end to end, so
 that the script cannot rot before a GPU appears."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lsbench import gpucheck
 from lsbench.errors import LsbenchError
+from lsbench.gpu import check as gpucheck
 
 STEP_NAMES = [name for name, _, _ in gpucheck.STEPS]
 

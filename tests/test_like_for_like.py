@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from lsbench.backend.models import EarlyExitModel
+from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.hf_reference import _neutral_models, neutral_generation_config
 from lsbench.engine.strategies import generate

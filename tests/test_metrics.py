@@ -29,18 +29,19 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from lsbench.backend.models import EarlyExitModel, EvalCounts, crop_cache
+from lsbench.backend.early_exit import EarlyExitModel, EvalCounts
+from lsbench.backend.kv_cache import crop_cache
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.hf_reference import CountingHooks
 from lsbench.engine.strategies import generate_ar, generate_speculative
-from lsbench.scenario.metrics import (
+from lsbench.scenario.accounting import (
     FlopModel,
     count_flops,
     peak_memory_delta,
-    rouge_scores,
     start_memory_window,
     weight_bytes,
 )
+from lsbench.scenario.quality import rouge_scores
 from tests.conftest import replay_deferrals, tiny_model
 
 # Tiny Llamas spanning layer counts, MHA/GQA/MQA, hidden sizes, tied and untied heads, and a
@@ -352,13 +353,13 @@ def test_cuda_peak_memory_delta_tracks_the_runs_own_allocations():
     ([1, 2, 3, 4], [1, 2, 3], 3, 1.0),
 ])
 def test_first_mismatch_and_agreement(output, reference, position, share):
-    from lsbench.scenario.metrics import agreement, first_mismatch
+    from lsbench.scenario.quality import agreement, first_mismatch
 
     assert first_mismatch(output, reference) == position
     assert agreement(output, reference) == pytest.approx(share)
 
 
 def test_agreement_of_an_empty_output_is_nan():
-    from lsbench.scenario.metrics import agreement
+    from lsbench.scenario.quality import agreement
 
     assert math.isnan(agreement([], [1, 2]))

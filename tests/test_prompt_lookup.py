@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsbench.backend.models import EarlyExitModel
+from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
 from lsbench.engine.strategies import LOSSY, STRATEGIES, generate

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from lsbench.backend.models import EarlyExitModel
+from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
-from lsbench.scenario.metrics import (
+from lsbench.scenario.accounting import (
     WeightModel,
     count_weight_bytes,
     measure_copy_gbps,

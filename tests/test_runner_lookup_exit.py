@@ -12,7 +12,7 @@ import pytest
 from lsbench.results.schema import COLUMN_NAMES
 from lsbench.results.store import ResultStore
 from lsbench.scenario.jobs import RunSpec, sweep_job
-from lsbench.scenario.metrics import agreement, first_mismatch
+from lsbench.scenario.quality import agreement, first_mismatch
 from lsbench.scenario.runner import run_job
 from tests.test_runner import job_settings, write_jsonl
 

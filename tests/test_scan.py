@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from lsbench.backend.models import EarlyExitModel
+from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.prompt_lookup import lookup_drafts
 from lsbench.engine.strategies import generate, generate_speculative

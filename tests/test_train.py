@@ -178,7 +178,8 @@ def test_checkpoint_has_log_and_heldout_disjoint_from_training(trained):
 @pytest.mark.parametrize("strategy", ["ar", "layerskip", "spec", "hf-ar", "hf-assisted",
                                       "hf-early-exit"])
 def test_checkpoint_loads_and_decodes_with_every_strategy(trained, strategy):
-    from lsbench.backend.models import EarlyExitModel, load_model
+    from lsbench.backend.early_exit import EarlyExitModel
+    from lsbench.backend.loading import load_model
     from lsbench.engine.generation import DecodingConfig
     from lsbench.engine.strategies import generate
     from lsbench.scenario.data import build_prompt
@@ -197,7 +198,7 @@ def test_checkpoint_loads_and_decodes_with_every_strategy(trained, strategy):
 def test_a_trained_name_resolves_from_the_cache(monkeypatch, tmp_path, trained):
     import shutil
 
-    from lsbench.backend.models import locate_model, model_num_layers
+    from lsbench.backend.loading import locate_model, model_num_layers
 
     monkeypatch.setenv("LSBENCH_CACHE", str(tmp_path))
     with pytest.raises(LsbenchError):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from lsbench.backend.models import convert_gguf, fetched_gguf_path
+from lsbench.backend.loading import convert_gguf, fetched_gguf_path
 from lsbench.errors import LsbenchError
 
 CHUNK = 1 << 20  # bytes per read while streaming parts

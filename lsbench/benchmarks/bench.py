@@ -31,7 +31,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from lsbench.backend.models import EarlyExitModel, check_exit_layers, load_model
+from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
+from lsbench.backend.loading import load_model
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
 from lsbench.errors import run_main

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsbench.backend.models import load_tokenizer, model_num_layers
+from lsbench.backend.loading import load_tokenizer, model_num_layers
 from lsbench.errors import run_main
 from lsbench.launcher.ray_cluster import RayTarget, run_job_on_ray
 from lsbench.results.store import ResultStore

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsbench.backend.models import model_num_layers
+from lsbench.backend.loading import model_num_layers
 from lsbench.benchmarks.bench import run_timed
 from lsbench.errors import LsbenchError
 from lsbench.reporting.report import to_markdown

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lsbench.backend.models import EarlyExitModel, EvalCounts
+from lsbench.backend.early_exit import EarlyExitModel, EvalCounts
 from lsbench.errors import LsbenchError
 
 

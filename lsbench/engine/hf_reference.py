@@ -17,14 +17,14 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from lsbench.backend.models import (
+from lsbench.backend.early_exit import (
     EarlyExitModel,
     EvalCounts,
     attended_pairs,
-    cache_bytes,
     check_draft_vocabulary,
     check_exit_layers,
 )
+from lsbench.backend.kv_cache import cache_bytes
 from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.engine.prompt_lookup import MAX_NGRAM
 from lsbench.errors import LsbenchError

@@ -16,13 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lsbench.backend.models import (
-    EarlyExitModel,
-    cache_bytes,
-    check_draft_vocabulary,
-    check_exit_layers,
-    crop_cache,
-)
+from lsbench.backend.early_exit import EarlyExitModel, check_draft_vocabulary, check_exit_layers
+from lsbench.backend.kv_cache import cache_bytes, crop_cache
 from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.engine.hf_reference import HF_STRATEGIES, generate_hf
 from lsbench.engine.policy import EnginePolicy, defer_last_draft

@@ -1,1 +1,1 @@
-"""What is measured: jobs, datasets, metrics, the per-example runner and the scan."""
+"""What is measured: jobs, datasets, accounting and quality, the per-example runner and the scan."""

@@ -1,5 +1,5 @@
 """A device's memory copy bandwidth, the roofline's peak. Imports torch only: on CPU it runs
-in a child process (`metrics.peak_gbps`), whose start-up is then a torch import."""
+in a child process (`accounting.peak_gbps`), whose start-up is then a torch import."""
 
 from __future__ import annotations
 

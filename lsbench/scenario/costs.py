@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lsbench.backend.models import EarlyExitModel, crop_cache
+from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.backend.kv_cache import crop_cache
 from lsbench.engine.generation import sync
 from lsbench.engine.policy import EnginePolicy
 from lsbench.scenario.replay import Replay, Round

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsbench.backend.models import check_exit_layers, resolve_device, resolve_dtype
+from lsbench.backend.early_exit import check_exit_layers
+from lsbench.backend.loading import resolve_device, resolve_dtype
 from lsbench.engine.generation import DecodingConfig
 from lsbench.errors import LsbenchError
 from lsbench.scenario.data import DatasetSpec

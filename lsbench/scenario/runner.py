@@ -26,36 +26,34 @@ import torch
 import transformers
 
 from lsbench import __version__
-from lsbench.backend.models import (
-    EarlyExitModel,
-    LoadedModel,
-    load_model,
-    locate_model,
-)
+from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.backend.loading import LoadedModel, load_model, locate_model
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import LOSSY, generate
 from lsbench.errors import LsbenchError
 from lsbench.results.schema import SCHEMA_VERSION
 from lsbench.results.store import ResultStore
-from lsbench.scenario.costs import calibrate
-from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
-from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
-from lsbench.scenario.metrics import (
+from lsbench.scenario.accounting import (
     FlopModel,
     WeightModel,
-    agreement,
     count_flops,
     count_weight_bytes,
-    first_mismatch,
-    logit_gap,
-    lossless_verdict,
     peak_gbps,
     peak_memory_delta,
     roofline,
-    rouge_scores,
     start_memory_window,
-    teacher_forced_logits,
     weight_bytes,
+)
+from lsbench.scenario.costs import calibrate
+from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
+from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
+from lsbench.scenario.quality import (
+    agreement,
+    first_mismatch,
+    logit_gap,
+    lossless_verdict,
+    rouge_scores,
+    teacher_forced_logits,
 )
 
 WARMUP_TOKENS = 16  # warm-up generations are short: they only need every kernel shape once

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lsbench.backend.models import EarlyExitModel, check_exit_layers
+from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError

@@ -83,7 +83,7 @@ def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE):
 
 
 def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.results.store import ResultStore
     from lsbench.scenario.jobs import sweep_job
     from lsbench.scenario.runner import run_job
@@ -98,7 +98,7 @@ def sweep_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
 def scan_twin(name: str, out: Path, sweep_file: Path = SWEEP_FILE) -> Path:
     """`lsbench scan` of twin `name` with its sweep's settings (examples, decoding, device,
     exit layers and k; no prompt lookup), into out/<name>.scan.parquet and its trace file."""
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.scenario.scan import run_scan, scan_spec, write_scan
 
     spec = scan_spec(twin_settings(name, out, sweep_file), model_num_layers(name), pld=False)

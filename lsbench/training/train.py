@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lsbench.backend.models import cache_dir, check_architecture, load_model, resolve_device
+from lsbench.backend.early_exit import check_architecture
+from lsbench.backend.loading import cache_dir, load_model, resolve_device
 from lsbench.errors import LsbenchError
 from lsbench.scenario.data import DatasetSpec, Example, load_examples
 from lsbench.training.recipe import Recipe, exit_forward, training_forward

@@ -1,6 +1,6 @@
-"""Measurements derived from raw facts: analytic FLOPs and weight bytes read from evaluation
-counts, the device's memory copy bandwidth (the roofline's peak), ROUGE against a reference
-summary, losslessness verdicts, and memory.
+"""Accounting: what a generation cost, derived from the raw facts it recorded. Analytic
+FLOPs and weight bytes from evaluation counts, the device's memory copy bandwidth (the
+roofline's peak) and peak memory.
 
 FLOPs are counted, not guessed: `count_flops` multiplies the work the adapter recorded
 (`EvalCounts`) by per-architecture matmul costs read from the model config. The tests check it
@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch
 
-from lsbench.backend.models import EarlyExitModel, EvalCounts
+from lsbench.backend.early_exit import EarlyExitModel, EvalCounts
 from lsbench.errors import LsbenchError
 
 # The copy lives in a torch-only module: peak_gbps's child process imports it without
-# transformers (seconds of start-up per process). Re-exported for callers of metrics.
+# transformers (seconds of start-up per process). Re-exported for callers of accounting.
 from lsbench.scenario.bandwidth import COPY_BYTES, measure_copy_gbps  # noqa: F401
-
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 @dataclass(frozen=True)
@@ -169,94 +167,6 @@ def roofline(weight_bytes: float, decode_s: float, peak: float) -> tuple[float, 
         return math.nan, math.nan
     achieved = weight_bytes / decode_s / 1e9
     return achieved, achieved / peak if peak > 0 else math.nan
-
-
-# --- agreement with the baseline -----------------------------------------------------------
-
-def first_mismatch(output: list[int], reference: list[int]) -> int:
-    """First position where `output` differs from `reference`; -1 when they are identical.
-    When one is a strict prefix of the other, the shorter length (the first missing token)."""
-    for i, (a, b) in enumerate(zip(output, reference, strict=False)):
-        if a != b:
-            return i
-    return -1 if len(output) == len(reference) else min(len(output), len(reference))
-
-
-def agreement(output: list[int], reference: list[int]) -> float:
-    """Share of positions, up to the shorter sequence, where both hold the same token (NaN
-    when either is empty). Unlike a prefix match it keeps counting after a first difference,
-    which is what a lossy strategy's quality needs."""
-    n = min(len(output), len(reference))
-    if n == 0:
-        return math.nan
-    return sum(a == b for a, b in zip(output, reference, strict=False)) / n
-
-
-# --- ROUGE ------------------------------------------------------------------------------------
-
-@functools.cache
-def _rouge_scorer():
-    # Imported lazily and built once: construction loads the Porter stemmer.
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-
-
-def rouge_scores(prediction: str, reference: str | None) -> dict[str, float]:
-    """ROUGE-1/2/L F-measures of `prediction` against `reference`; NaN without a reference,
-    so that a missing reference is never averaged in as a score of zero."""
-    if reference is None or not reference.strip():
-        return dict.fromkeys(ROUGE_KEYS, math.nan)
-    scores = _rouge_scorer().score(reference, prediction)  # score(target, prediction)
-    return {key: float(scores[key].fmeasure) for key in ROUGE_KEYS}
-
-
-# --- losslessness in low precision --------------------------------------------------------
-
-# A flip between two tokens whose float32 logits differ by at most this many units in the
-# last place of the measured dtype (at the logits' magnitude) is a near-tie: batched and
-# one-token passes round differently and may pick either. bf16 has eps = 2^-7, so at a logit
-# of 10 the threshold is 16 * 0.0078 * 10 = 1.25; float32's is 1.9e-5 there.
-NEAR_TIE_ULPS = 16
-VERDICTS = ("exact", "near-tie", "MISMATCH")
-
-
-@torch.inference_mode()
-def teacher_forced_logits(model: torch.nn.Module, prompt_ids: list[int], output_ids: list[int],
-                          position: int) -> torch.Tensor:
-    """float32 logits for output position `position` (0 = first new token), from one forward
-    of `model` over prompt + output; `position` may be len(output_ids) (the next token)."""
-    ids = [*prompt_ids, *output_ids[:position]]
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device)).logits
-    return logits[0, -1].float()
-
-
-def logit_gap(logits: torch.Tensor, baseline_token: int | None, token: int | None
-              ) -> tuple[float, float]:
-    """(margin, scale) at a first mismatch: the gap between the logits of the baseline's token
-    and the row's token there, which is the top-1 minus top-2 margin when the flip is between
-    the two leading tokens; top-1 minus top-2 when one output has ended. `scale` is the larger
-    magnitude of the two logits, for the dtype's resolution at that size."""
-    vocab = logits.shape[-1]
-    if baseline_token is None or token is None or not (0 <= baseline_token < vocab
-                                                       and 0 <= token < vocab):
-        top = torch.topk(logits, 2).values
-        return float(top[0] - top[1]), float(top.abs().max())
-    a, b = float(logits[baseline_token]), float(logits[token])
-    return abs(a - b), max(abs(a), abs(b))
-
-
-def near_tie_threshold(dtype: torch.dtype, scale: float) -> float:
-    """NEAR_TIE_ULPS units in the last place of `dtype` at magnitude `scale` (at least 1)."""
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    return NEAR_TIE_ULPS * eps * max(abs(scale), 1.0)
-
-
-def lossless_verdict(margin: float, scale: float, dtype: torch.dtype) -> str:
-    """'near-tie' when the first mismatch flips tokens closer than the dtype can resolve,
-    'MISMATCH' otherwise ('exact' rows never get here)."""
-    return "near-tie" if margin <= near_tie_threshold(dtype, scale) else "MISMATCH"
 
 
 # --- memory -------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 command with it: Python's standard library and pip only, since nothing else can be assumed
 there and nothing can be fetched.
 
-    python3 -m lsbench.gpuinstall gpu-bundle [--target DIR] [-- COMMAND ...]
-    python3 -m lsbench.gpuinstall gpu-bundle --verify-present   # after copying each part
+    python3 -m lsbench.gpu.install gpu-bundle [--target DIR] [-- COMMAND ...]
+    python3 -m lsbench.gpu.install gpu-bundle --verify-present   # after copying each part
 
 Every chunk of every part is checked against the manifest (size and sha256) before anything
 is written; a missing part or a damaged chunk is refused in one line naming the part. The

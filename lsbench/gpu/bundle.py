@@ -1,12 +1,12 @@
 """`make gpu-bundle`: what the offline GPU machine lacks for `make gpu-check`, downloaded here
 once and laid out as parts small enough to be copied to it one after another.
 
-    python -m lsbench.gpubundle --out gpu-bundle [--part-mib 56] [--python-version 3.12]
+    python -m lsbench.gpu.bundle --out gpu-bundle [--part-mib 56] [--python-version 3.12]
                                 [--platform manylinux_2_28_x86_64 ...]
 
 OUT/part-1, OUT/part-2, ... each hold at most --part-mib MiB (files too big for what is left
 of a part are split into chunks) and the same manifest.json: every chunk's size and sha256 and
-every whole file's sha256. `python3 -m lsbench.gpuinstall OUT` (stdlib and pip only) checks,
+every whole file's sha256. `python3 -m lsbench.gpu.install OUT` (stdlib and pip only) checks,
 joins and installs them there. Downloads are kept in OUT/downloads, so a rerun fetches nothing.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lsbench.errors import LsbenchError, one_line, run_main
-from lsbench.gpuinstall import FORMAT, MANIFEST, sha256_file
+from lsbench.gpu.install import FORMAT, MANIFEST, sha256_file
 from lsbench.scenario import data
 
 # The wheels the GPU check needs that the GPU image lacks. The image (the device notes' package

@@ -2,7 +2,7 @@
 lent. Every step gets a share of the wall-clock budget, writes into OUT, and is skipped with
 its reason written down when its time has run out or its prerequisite is missing.
 
-    python -m lsbench.gpucheck --out results/gpu [--budget 480] [--device cuda] [--tiny]
+    python -m lsbench.gpu.check --out results/gpu [--budget 480] [--device cuda] [--tiny]
 
 Steps: (1) environment and the device's copy bandwidth, (2) the CUDA-marked tests and the
 layerskip = ar exactness tests on the device in fp32 and bf16, (3) `make bench-engine` in short
@@ -39,7 +39,7 @@ import torch
 from lsbench.errors import LsbenchError, one_line, run_main
 from lsbench.training.recipe import Recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # (step, weight of the budget, minimum seconds worth starting it with: GPU, tiny)
 STEPS: list[tuple[str, float, tuple[float, float]]] = [
     ("environment", 2, (5, 1)),
@@ -137,8 +137,8 @@ def build_tiny_model(path: Path) -> str:
 # --- 1. environment ------------------------------------------------------------------------
 
 def step_environment(c: Check, step: Step) -> None:
-    from lsbench.backend.models import load_model
-    from lsbench.scenario.metrics import peak_gbps
+    from lsbench.backend.loading import load_model
+    from lsbench.scenario.accounting import peak_gbps
     from lsbench.scenario.runner import environment
 
     dev = torch.device(c.device)
@@ -274,7 +274,7 @@ def sweep_settings(c: Check, file: Path, overrides: dict[tuple[str, str], object
 def run_sweep(c: Check, settings, path: Path, device_map: str | None = None
               ) -> tuple[object, bool]:
     """Run a sweep into `path` (fresh), stopping at the deadline; (rows, complete)."""
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.results.store import ResultStore
     from lsbench.scenario.jobs import sweep_job
     from lsbench.scenario.runner import run_job
@@ -350,7 +350,7 @@ def _autocast(device: str):
 def heldout_before(cfg) -> tuple[dict, int]:
     """Held-out loss per exit of the model before training (the same rows `train` evaluates),
     and the training tokens available (one epoch)."""
-    from lsbench.backend.models import load_model
+    from lsbench.backend.loading import load_model
     from lsbench.training.train import evaluate, heldout_rows, load_corpus, pack
 
     corpus = load_corpus(cfg)
@@ -370,7 +370,7 @@ def self_text(cfg, path: Path, tokens: int, seconds: float, batch: int, new_toke
     are not in the training text, so they prompt nothing. Stops at `tokens` or `seconds`."""
     from transformers import GenerationConfig
 
-    from lsbench.backend.models import load_model
+    from lsbench.backend.loading import load_model
     from lsbench.training.train import load_corpus
 
     started = time.perf_counter()
@@ -534,7 +534,7 @@ def device_map_for(num_layers: int, device: str) -> dict[str, str]:
 
 
 def step_devices(c: Check, step: Step) -> None:
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.reporting.report import sweep_table, to_markdown
 
     file = ROOT / "sweeps" / "quickstart.toml"
@@ -583,7 +583,7 @@ def step_devices(c: Check, step: Step) -> None:
 def step_scan(c: Check, step: Step) -> None:
     """Scan step 5's LayerSkip twin at every exit layer and k = 1..8 on the held-out articles,
     then time the 3 best predicted points with the sweep machinery (`lsbench scan --verify`)."""
-    from lsbench.backend.models import model_num_layers
+    from lsbench.backend.loading import model_num_layers
     from lsbench.reporting import scan_report
     from lsbench.reporting.report import to_markdown
     from lsbench.reporting.scan_plots import plot_scan
@@ -651,7 +651,7 @@ DEPENDS = {"bench": "environment", "quickstart": "environment", "ab": "environme
 
 def run_gpucheck(out: Path, budget: float, device: str, tiny: bool = False,
                  say: Callable[[str], None] = print, **options) -> list[Step]:
-    from lsbench.backend.models import resolve_device
+    from lsbench.backend.loading import resolve_device
 
     device = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)

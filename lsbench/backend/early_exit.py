@@ -1,0 +1,202 @@
+"""The early-exit adapter: drive a decoder-only transformers model one layer range at a
+time (embed, layers [lo, hi), final norm + LM head) against one shared KV cache, so that
+drafting (layers [0, E)) and verification (layers [E, L)) reuse each other's entries, and count
+every layer-token evaluation, which the FLOPs and bytes accounting is built from."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from lsbench.backend.kv_cache import GrowingLayer
+from lsbench.errors import LsbenchError
+
+# model_type values whose layout (model.model.{embed_tokens,layers,norm,rotary_emb},
+# model.lm_head) and decoder-layer call signature the adapter is tested against.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+
+def check_exit_layers(layers: list[int | None], num_layers: int, model: str = "the model") -> None:
+    """The one exit-layer check: every E in 1..L (E = L drafts with the full model)."""
+    bad = [e for e in layers if e is None or not 1 <= e <= num_layers]
+    if bad:
+        what = "exit layer" if len(bad) == 1 else "exit layers"
+        raise LsbenchError(f"{what} {', '.join(map(str, bad))} out of range: {model} has "
+                           f"{num_layers} layers, choose 1..{num_layers}")
+
+
+def check_draft_vocabulary(model: EarlyExitModel, draft: EarlyExitModel) -> None:
+    """The one draft/target compatibility check of the decoding loops: the same number of real
+    tokens (the runner has compared the tokenizers' vocabularies themselves; LM-head padding
+    past the tokenizer does not matter, logits are sliced to it)."""
+    if draft.vocab_size != model.vocab_size:
+        raise LsbenchError(
+            f"draft model vocabulary ({draft.vocab_size} tokens) differs from the target's "
+            f"({model.vocab_size}); speculative decoding needs one tokenizer")
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise LsbenchError(
+            f"unsupported architecture '{model_type}'; early exit needs a decoder-only model "
+            f"of type {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+@dataclass
+class EvalCounts:
+    """Work done by one model: the raw facts the FLOPs accounting is computed from."""
+
+    layer_tokens: list[int]  # per decoder layer: tokens pushed through it
+    attn_pairs: list[int]  # per decoder layer: sum over queries of keys attended
+    layer_calls: list[int]  # per decoder layer: forward calls (a call may carry many tokens)
+    embed_tokens: int = 0
+    head_tokens: int = 0  # tokens through final norm + LM head
+    head_calls: int = 0  # final norm + LM head calls (each reads the whole head once)
+
+    @classmethod
+    def zeros(cls, num_layers: int) -> EvalCounts:
+        return cls([0] * num_layers, [0] * num_layers, [0] * num_layers)
+
+    def copy(self) -> EvalCounts:
+        return EvalCounts(list(self.layer_tokens), list(self.attn_pairs), list(self.layer_calls),
+                          self.embed_tokens, self.head_tokens, self.head_calls)
+
+    def minus(self, other: EvalCounts) -> EvalCounts:
+        def diff(a: list[int], b: list[int]) -> list[int]:
+            return [x - y for x, y in zip(a, b, strict=True)]
+
+        return EvalCounts(diff(self.layer_tokens, other.layer_tokens),
+                          diff(self.attn_pairs, other.attn_pairs),
+                          diff(self.layer_calls, other.layer_calls),
+                          self.embed_tokens - other.embed_tokens,
+                          self.head_tokens - other.head_tokens,
+                          self.head_calls - other.head_calls)
+
+
+class EarlyExitModel:
+    """Run any layer range of a decoder-only model against one shared KV cache."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+        """`vocab_size`: the tokenizer's length when known. LM heads are often padded past it
+        (Qwen2.5 0.5B-3B have 151,936 rows, 7B and up 152,064, with one tokenizer): logits are
+        sliced to the real tokens, so padded models pair with unpadded ones."""
+        check_architecture(model.config)
+        self.model = model
+        self.config = model.config
+        self.backbone = model.model
+        self.num_layers: int = self.config.num_hidden_layers
+        head_rows = model.lm_head.out_features
+        self.vocab_size: int = min(vocab_size or head_rows, head_rows)
+        # A model spread over devices (--device-map) runs each module where its weights are.
+        self.device = model.lm_head.weight.device  # logits and the decoding loops live here
+        self.embed_device = _module_device(self.backbone.embed_tokens)
+        self.norm_device = _module_device(self.backbone.norm)
+        self.layer_devices = [_module_device(layer) for layer in self.backbone.layers]
+        self.rotary_device = _module_device(self.backbone.rotary_emb, self.layer_devices[0])
+        self.dtype = model.lm_head.weight.dtype
+        # k -> policy.EnginePolicy measured by costs.calibrate (none: lazy head, E/L deferral)
+        self.engine_policies: dict = {}
+        self.layer_types = self._layer_types()
+        window = getattr(self.config, "sliding_window", None)
+        self.windows = [window if t == "sliding_attention" else None for t in self.layer_types]
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        params = inspect.signature(self.backbone.layers[0].forward).parameters
+        # transformers renamed `past_key_values` to `cache`; accept both spellings.
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.counts = EvalCounts.zeros(self.num_layers)
+
+    def _layer_types(self) -> list[str]:
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return list(types)[: self.num_layers]
+        sliding = getattr(self.config, "sliding_window", None)
+        return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
+
+    def new_cache(self) -> Cache:
+        # Every layer keeps all its entries (sliding windows are applied by the mask), so any
+        # layer can be cropped exactly after a rejected draft.
+        return Cache(layers=[GrowingLayer() for _ in range(self.num_layers)])
+
+    @staticmethod
+    def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Move a tensor to a module's device (the crossing between devices of a device map)."""
+        return tensor if tensor.device == device else tensor.to(device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = self._to(ids, self.embed_device)
+        hidden = self.backbone.embed_tokens(ids)  # Gemma's embedding applies its own scale
+        self.counts.embed_tokens += ids.shape[1]
+        return hidden
+
+    def run_layers(self, hidden: torch.Tensor, cache: Cache, lo: int,
+                   hi: int) -> torch.Tensor:
+        """Push `hidden` (positions following layer lo's cached entries) through layers [lo, hi)."""
+        if lo >= hi:
+            return hidden
+        n = hidden.shape[1]
+        start = cache.get_seq_length(lo)
+        rotary_in = self._to(hidden, self.rotary_device)
+        position_ids = torch.arange(start, start + n, device=self.rotary_device).unsqueeze(0)
+        rotary = self.backbone.rotary_emb(rotary_in, position_ids=position_ids)
+        # Per device: positions, rotary embeddings and masks, made once when hidden crosses.
+        on_device: dict[torch.device, tuple] = {}
+        masks: dict[tuple[str, torch.device], object] = {}
+        here = None
+        for i in range(lo, hi):
+            device = self.layer_devices[i]
+            if device != here:  # the layer lives on another device: hidden crosses to it
+                hidden = self._to(hidden, device)
+                here = device
+                if device not in on_device:
+                    on_device[device] = (self._to(position_ids, device),
+                                         tuple(self._to(t, device) for t in rotary))
+            positions, embeddings = on_device[device]
+            kind = self.layer_types[i]
+            if (kind, device) not in masks:
+                make = (create_sliding_window_causal_mask if kind == "sliding_attention"
+                        else create_causal_mask)
+                # layer_idx sizes the mask against this range's own cache length, which
+                # differs from layer 0's while deep layers lag behind the drafted tokens.
+                masks[(kind, device)] = make(
+                    config=self.config, inputs_embeds=hidden, attention_mask=None,
+                    position_ids=positions, layer_idx=i, **{self.cache_kwarg: cache})
+            # The layer's KV cache is allocated from its keys, so it lives on its device too.
+            hidden = self.backbone.layers[i](
+                hidden, attention_mask=masks[(kind, device)], position_ids=positions,
+                position_embeddings=embeddings, use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+            self.counts.layer_tokens[i] += n
+            self.counts.layer_calls[i] += 1
+            self.counts.attn_pairs[i] += attended_pairs(start, n, self.windows[i])
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head, applicable after any layer (the early exit); on the head's
+        device, sliced to the tokenizer's vocabulary."""
+        normed = self.backbone.norm(self._to(hidden, self.norm_device))
+        out = self.model.lm_head(self._to(normed, self.device)).float()[..., : self.vocab_size]
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        self.counts.head_tokens += hidden.shape[1]
+        self.counts.head_calls += 1
+        return out
+
+
+def _module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where a module's weights (or, without weights, its buffers) are."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return default if default is not None else torch.device("cpu")
+
+
+def attended_pairs(start: int, n: int, window: int | None) -> int:
+    """Sum over n causal queries at positions start..start+n-1 of the keys each attends."""
+    if window is None:
+        return n * start + n * (n + 1) // 2
+    return sum(min(p + 1, window) for p in range(start, start + n))
