@@ -15,7 +15,7 @@ import torch
 import lsbench.scenario.runner
 from lsbench.errors import LsbenchError
 from lsbench.reporting.report import summarize
-from lsbench.results.schema import COLUMN_NAMES
+from lsbench.results.schema import COLUMN_NAMES, SCHEMA_VERSION
 from lsbench.results.store import ResultStore, read_results
 from lsbench.scenario.jobs import compare_job, sweep_job
 from lsbench.scenario.runner import JobOutcome, prepare_job, run_job, unit_order
@@ -91,12 +91,20 @@ def test_memory_columns_are_per_run(compared):
     uses_draft = df.strategy.isin(["spec", "hf-assisted"])
     assert (df[~uses_draft].weight_bytes == target_bytes).all()
     assert (df[uses_draft].weight_bytes == target_bytes + draft_bytes).all()
-    # KV: layers x (keys, values) x capacity rows (at least 256) x kv heads x head dim x 8 B
+    # Capacity: layers x (keys, values) x rows allocated (at least 256) x kv heads x head dim x 8 B
     per_layer = 2 * 256 * 2 * 8 * 8
-    kv = dict(zip(df.strategy, df.kv_cache_bytes, strict=False))
-    assert kv["ar"] == kv["layerskip"] == 4 * per_layer
-    assert kv["spec"] == (4 + 2) * per_layer  # the draft model's own cache too
-    assert all(v > 0 for v in kv.values())
+    capacity = dict(zip(df.strategy, df.kv_cache_capacity_bytes, strict=False))
+    assert capacity["ar"] == capacity["layerskip"] == 4 * per_layer
+    assert capacity["spec"] == (4 + 2) * per_layer  # the draft model's own cache too
+    # Committed: the same per token, times the tokens whose KV was computed (prompt and every
+    # new token but the last, which is never fed back), whatever the capacity.
+    per_token = 2 * 2 * 8 * 8
+    for strategy in ("ar", "layerskip"):
+        row = df[df.strategy == strategy].iloc[0]
+        committed = row.prompt_tokens + row.new_tokens - 1
+        assert row.kv_cache_bytes == 4 * per_token * committed, strategy
+        assert row.kv_cache_bytes < row.kv_cache_capacity_bytes
+    assert all(v > 0 for v in df.kv_cache_bytes)
     assert df.peak_mem_delta_bytes.isna().all()  # CPU: no per-run allocator peak
     assert "peak_mem_bytes" not in df.columns
 
@@ -126,7 +134,8 @@ def test_resume_refuses_rows_from_another_environment(tiny_model_dir, data_file,
 
 def _as_version_1(src: Path, dst: Path) -> Path:
     table = pq.read_table(src)
-    new = ["position_in_example", "weight_bytes", "kv_cache_bytes", "peak_mem_delta_bytes",
+    new = ["position_in_example", "weight_bytes", "kv_cache_bytes", "kv_cache_capacity_bytes",
+           "peak_mem_delta_bytes",
            "baseline_strategy", "mismatch_margin", "lossless_verdict", "draft_revision"]
     table = table.drop_columns(new)
     n = table.num_rows
@@ -151,7 +160,7 @@ def test_version_1_files_are_read_but_never_resumed(tiny_model_dir, data_file, t
         run_job(job, ResultStore(old))
     assert old.read_bytes() == snapshot
     assert run_job(job, ResultStore(old), force=True) == JobOutcome(2, 0)
-    assert ResultStore(old).schema_version == 2
+    assert ResultStore(old).schema_version == SCHEMA_VERSION
 
 
 # --- losslessness in bf16 ---------------------------------------------------------------------

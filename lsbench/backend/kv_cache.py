@@ -58,7 +58,20 @@ class GrowingLayer(DynamicLayer):
 
 
 def cache_bytes(*caches) -> int:
-    """Bytes of the tensors the caches' layers hold, over-allocated capacity included (a
+    """Bytes the committed tokens occupy: keys and values of every layer at the length it
+    holds (a cropped layer's view, not its buffer), over all the caches given."""
+    total = 0
+    for cache in caches:
+        for layer in getattr(cache, "layers", None) or []:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def cache_capacity_bytes(*caches) -> int:
+    """Bytes of the storage the caches' layers hold, over-allocated capacity included (a
     cropped layer keeps its storage): what the cache really occupies."""
     storages: dict[int, int] = {}
     for cache in caches:

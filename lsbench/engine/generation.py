@@ -37,7 +37,8 @@ class Generation:
     decode_counts: EvalCounts | None = None
     draft_prefill_counts: EvalCounts | None = None
     draft_decode_counts: EvalCounts | None = None
-    kv_cache_bytes: int = 0  # bytes of the KV-cache tensors allocated at the run's peak
+    kv_cache_bytes: int = 0  # bytes the committed tokens' keys and values occupy at the end
+    kv_cache_capacity_bytes: int = 0  # bytes of the KV-cache storage allocated at the peak
     draft_s: float = 0.0  # seconds spent proposing drafts (lsbench's speculative loops)
     # The speculative engine's policy as run (`lsbench.engine.policy`), for the scan's replay:
     eager_head: bool = False  # verify head over all rows at once (else lazy: row 0 first)

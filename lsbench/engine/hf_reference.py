@@ -24,7 +24,7 @@ from lsbench.backend.early_exit import (
     check_draft_vocabulary,
     check_exit_layers,
 )
-from lsbench.backend.kv_cache import cache_bytes
+from lsbench.backend.kv_cache import cache_bytes, cache_capacity_bytes
 from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.engine.prompt_lookup import MAX_NGRAM
 from lsbench.errors import LsbenchError
@@ -198,4 +198,5 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         draft_prefill_counts=prefill_counts[1] if draft else None,
         draft_decode_counts=decode_counts[1] if draft else None,
         kv_cache_bytes=cache_bytes(output.past_key_values),
+        kv_cache_capacity_bytes=cache_capacity_bytes(output.past_key_values),
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lsbench.backend.early_exit import EarlyExitModel, check_draft_vocabulary, check_exit_layers
-from lsbench.backend.kv_cache import cache_bytes, crop_cache
+from lsbench.backend.kv_cache import cache_bytes, cache_capacity_bytes, crop_cache
 from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.engine.hf_reference import HF_STRATEGIES, generate_hf
 from lsbench.engine.policy import EnginePolicy, defer_last_draft
@@ -104,7 +104,8 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     return Generation(out, t1 - t0, t2 - t1, len(out) - 1,
                       prefill_counts=counts1.minus(counts0),
                       decode_counts=model.counts.minus(counts1),
-                      kv_cache_bytes=cache_bytes(cache))
+                      kv_cache_bytes=cache_bytes(cache),
+                      kv_cache_capacity_bytes=cache_capacity_bytes(cache))
 
 
 def generate_exit(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig,
@@ -507,6 +508,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
             on_round(cache, committed)
     sync(model.device)
     t2 = time.perf_counter()
+    caches = (cache, getattr(speculator, "draft_cache", None))
     return Generation(
         out, t1 - t0, t2 - t1, len(out) - 1, drafted, accepted,
         prefill_counts=c1.minus(c0), decode_counts=model.counts.minus(c1),
@@ -514,8 +516,9 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
         draft_s=math.nan if device_loop else draft_s,
         eager_head=eager, defer_threshold=threshold, device_loop=device_loop,
+        kv_cache_bytes=cache_bytes(*caches),
         # Buffers only grow (a rollback is a view), so the end is the peak.
-        kv_cache_bytes=cache_bytes(cache, getattr(speculator, "draft_cache", None)),
+        kv_cache_capacity_bytes=cache_capacity_bytes(*caches),
     )
 
 

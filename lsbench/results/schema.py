@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes
 # Columns of older versions that this one no longer has: dropped when such a file is read.
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
@@ -104,8 +104,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "the weight-read bound at batch 1"),
     ("weight_bytes", pa.int64(), "bytes of the weights the strategy uses: target, plus the "
      "draft model where it has one"),
-    ("kv_cache_bytes", pa.int64(), "bytes of the KV-cache tensors allocated at the run's peak "
-     "(capacity included; the draft model's cache too; hf-*: the target's cache only)"),
+    ("kv_cache_bytes", pa.int64(), "bytes the committed tokens occupy in the KV cache at the "
+     "end of the run: keys and values of every layer at its length (the draft model's cache "
+     "too; hf-*: the target's cache only)"),
+    ("kv_cache_capacity_bytes", pa.int64(), "bytes of the KV-cache storage allocated at the "
+     "run's peak, over-allocated capacity included (same caches as kv_cache_bytes); null in "
+     "files of schema version 2 and older"),
     ("peak_mem_delta_bytes", pa.int64(), "CUDA: peak allocated during the run minus allocated "
      "before it; null on CPU (no allocator statistics)"),
     ("rouge1", pa.float64(), "ROUGE-1 F1 vs the reference (stemmed), NaN without reference"),

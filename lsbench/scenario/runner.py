@@ -507,6 +507,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "weight_bytes_read": weight_bytes_read, "achieved_gbps": achieved_gbps,
         "peak_gbps": loaded.peak_gbps, "roofline_fraction": roofline_fraction,
         "weight_bytes": weights, "kv_cache_bytes": gen.kv_cache_bytes,
+        "kv_cache_capacity_bytes": gen.kv_cache_capacity_bytes,
         "peak_mem_delta_bytes": mem_delta,
         **rouge_scores(text, ex.reference),
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
