@@ -123,3 +123,34 @@ def test_quality_against_speed_per_exit_layer_for_the_lossy_exit(tmp_path):
 
 def test_no_lossy_runs_no_quality_figure():
     assert "quality_speed_vs_exit_layer" not in sweep_figures(make_results(models=MODELS[:1]))
+
+
+def _text_outside_canvas(fig) -> list[str]:
+    """Texts of a drawn figure whose extent leaves the canvas (a clipped title, say): titles,
+    labels, legends and the tick labels actually drawn (matplotlib's tight bbox of each axes
+    covers only those), each checked against the figure's bbox."""
+    fig.canvas.draw()  # lays the figure out as saving it does
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+
+    def outside(box) -> bool:
+        return (box.x0 < canvas.x0 - 0.5 or box.x1 > canvas.x1 + 0.5
+                or box.y0 < canvas.y0 - 0.5 or box.y1 > canvas.y1 + 0.5)
+
+    found = [t.get_text() for t in fig.texts if t.get_text().strip()
+             and outside(t.get_window_extent(renderer))]
+    for ax in fig.axes:
+        if ax.get_visible() and outside(ax.get_tightbbox(renderer)):
+            found.append(f"axes '{ax.get_title()}'")
+    return found
+
+
+def test_every_plot_keeps_its_text_inside_the_canvas():
+    from tests.test_report import _with_exit_and_pld
+
+    one_model = _with_exit_and_pld(exit_speedup=3.0, rouge=0.2)
+    figures = {**sweep_figures(one_model), **compare_figures(one_model),
+               **{f"{k} (2 models)": v for k, v in sweep_figures(make_results()).items()}}
+    assert "quality_speed_vs_exit_layer" in figures
+    for name, fig in figures.items():
+        assert _text_outside_canvas(fig) == [], name

@@ -145,6 +145,10 @@ def test_scan_figures_side_by_side_with_measured_annotations(scanned) -> None:
     assert len(panels) == 2
     # every verified layerskip point carries its measured speedup as text
     assert all(any(t.get_text().endswith("x") for t in ax.texts) for ax in panels)
+    from tests.test_plots import _text_outside_canvas
+
+    for name, fig in figs.items():
+        assert _text_outside_canvas(fig) == [], name
 
 
 def test_bench_scan_smoke(tiny_model_dir: Path, data_file: Path, capsys) -> None:

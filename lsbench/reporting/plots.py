@@ -61,12 +61,22 @@ def _panels(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     keys = _panel_keys(summary)
     out = []
     for key, rows in summary.groupby(keys, sort=False):
-        parts = dict(zip(keys, key, strict=True))
-        title = f"{parts['model']} · {parts['dataset']}"
-        if "source_file" in parts:
-            title = f"{title}\n{parts['source_file']}"
-        out.append((title, rows))
+        out.append((panel_title(dict(zip(keys, key, strict=True))), rows))
     return out
+
+
+def _short(label: str) -> str:
+    """A path's last part (a model directory, a `jsonl:` file): a full path runs past the
+    panel's edges, and the table beside the plot keeps the full name."""
+    scheme, sep, rest = label.rpartition(":") if label.startswith("jsonl:") else ("", "", label)
+    return f"{scheme}{sep}{Path(rest).name}" if "/" in rest else label
+
+
+def panel_title(parts: dict[str, str]) -> str:
+    title = f"{_short(str(parts['model']))} · {_short(str(parts['dataset']))}"
+    if "source_file" in parts:
+        title = f"{title}\n{_short(str(parts['source_file']))}"
+    return title
 
 
 def _figure(n: int, width: float = PANEL_WIDTH) -> tuple[Figure, list[Axes]]:
@@ -181,7 +191,8 @@ def quality_speed_figure(summary: pd.DataFrame) -> Figure | None:
     for i, (title, rows) in enumerate(panels):
         _draw_quality_panel(axes[0][i], axes[1][i], rows)
         axes[0][i].set_title(title, fontsize="medium")
-    fig.suptitle("Quality vs speed per exit layer: early exit without verification is lossy")
+    # Two lines: one panel is narrower than the sentence, and a longer title would be clipped.
+    fig.suptitle("Quality vs speed per exit layer:\nearly exit without verification is lossy")
     return fig
 
 

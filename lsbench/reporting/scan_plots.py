@@ -12,7 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lsbench.errors import LsbenchError
-from lsbench.reporting.plots import FORMATS, HEIGHT, PANEL_WIDTH
+from lsbench.reporting.plots import FORMATS, HEIGHT, PANEL_WIDTH, panel_title
 from lsbench.reporting.scan_report import surface
 
 KEYS = ["source_file", "model", "dataset"]
@@ -23,10 +23,7 @@ def _panels(surf: pd.DataFrame) -> list[tuple[str, tuple, pd.DataFrame]]:
     out = []
     for key, rows in surf.groupby(keys, sort=False):
         parts = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
-        title = f"{parts['model']} · {parts['dataset']}"
-        if "source_file" in parts:
-            title += f"\n{parts['source_file']}"
-        out.append((title, (parts["model"], parts["dataset"]), rows))
+        out.append((panel_title(parts), (parts["model"], parts["dataset"]), rows))
     return out
 
 
