@@ -69,6 +69,24 @@ def test_accounting_is_consistent(target, exit_layer, k):
     assert all(0 <= a <= d <= k for a, d in zip(gen.accepted, gen.drafted, strict=True))
 
 
+@pytest.mark.parametrize("strategy,extra", [
+    ("ar", {}), ("exit", {"exit_layer": 2}), ("layerskip", {"k": 3, "exit_layer": 2}),
+    ("pld", {"k": 3}), ("hf-ar", {}), ("hf-early-exit", {"k": 3, "exit_layer": 2})])
+def test_every_decode_step_is_timed_with_the_tokens_it_emitted(target, strategy, extra):
+    gen = generate(strategy, target, PROMPT, GREEDY, **extra)
+    # The raw steps the latency percentiles come from cover every token after the first.
+    assert len(gen.step_end_s) == len(gen.step_tokens) > 0
+    # (generate() may hand out a whole first round at once: what follows it is decode)
+    assert sum(gen.step_tokens) == gen.decode_tokens
+    if not strategy.startswith("hf-"):
+        assert gen.decode_tokens == len(gen.tokens) - 1
+    assert all(n >= 1 for n in gen.step_tokens)
+    assert all(0 < a <= b for a, b in itertools.pairwise(gen.step_end_s))
+    assert gen.step_end_s[-1] <= gen.decode_s
+    if strategy in ("layerskip", "pld"):  # one step per round, with its accepted drafts
+        assert gen.step_tokens == [a + 1 for a in gen.accepted]
+
+
 def test_stops_at_stop_token(target, ar_tokens):
     stop = ar_tokens[5]
     cfg = DecodingConfig(max_new_tokens=24, stop_token_ids=(stop,))

@@ -40,6 +40,11 @@ class Generation:
     kv_cache_bytes: int = 0  # bytes the committed tokens' keys and values occupy at the end
     kv_cache_capacity_bytes: int = 0  # bytes of the KV-cache storage allocated at the peak
     draft_s: float = 0.0  # seconds spent proposing drafts (lsbench's speculative loops)
+    # Raw timing of each decode step after the first token (a round of a speculative loop, a
+    # token of ar): when it ended, in seconds since the first token, and how many tokens it
+    # emitted. Latency percentiles (TPOT, inter-token latency) are derived from these.
+    step_end_s: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
     # The speculative engine's policy as run (`lsbench.engine.policy`), for the scan's replay:
     eager_head: bool = False  # verify head over all rows at once (else lazy: row 0 first)
     defer_threshold: float | None = None  # measured deferral break-even; None: the E/L rule

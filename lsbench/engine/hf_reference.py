@@ -41,6 +41,8 @@ class _FirstTokenClock(BaseStreamer):
         self.first_at: float | None = None
         self.first_count = 0
         self.counts_at_first: list[EvalCounts] = []
+        self.step_at: list[float] = []  # each later hand-out: when, and how many tokens
+        self.step_tokens: list[int] = []
 
     def put(self, value) -> None:
         self.calls += 1
@@ -49,6 +51,9 @@ class _FirstTokenClock(BaseStreamer):
             self.first_at = time.perf_counter()
             self.first_count = int(value.numel())
             self.counts_at_first = [m.counts.copy() for m in self.models]
+        elif self.calls > 2:  # generate() has the tokens on the host to check its stops
+            self.step_at.append(time.perf_counter())
+            self.step_tokens.append(int(value.numel()))
 
     def end(self) -> None:
         pass
@@ -199,4 +204,5 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         draft_decode_counts=decode_counts[1] if draft else None,
         kv_cache_bytes=cache_bytes(output.past_key_values),
         kv_cache_capacity_bytes=cache_capacity_bytes(output.past_key_values),
+        step_end_s=[at - t1 for at in clock.step_at], step_tokens=clock.step_tokens,
     )

@@ -93,15 +93,17 @@ def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     sync(model.device)
     t1 = time.perf_counter()
     counts1 = model.counts.copy()
-    out = [token]
+    out, step_end_s = [token], []
     while len(out) < cfg.max_new_tokens and token not in cfg.stop_token_ids:
         ids = torch.tensor([[token]], device=model.device)
         hidden = model.run_layers(model.embed(ids), cache, 0, depth)
-        token, _ = sampler.pick(model.logits(hidden)[0, -1])
+        token, _ = sampler.pick(model.logits(hidden)[0, -1])  # a host transfer: work is done
         out.append(token)
+        step_end_s.append(time.perf_counter() - t1)
     sync(model.device)
     t2 = time.perf_counter()
     return Generation(out, t1 - t0, t2 - t1, len(out) - 1,
+                      step_end_s=step_end_s, step_tokens=[1] * len(step_end_s),
                       prefill_counts=counts1.minus(counts0),
                       decode_counts=model.counts.minus(counts1),
                       kv_cache_bytes=cache_bytes(cache),
@@ -484,6 +486,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
 
     committed = [*prompt_ids, token]
     out, drafted, accepted, draft_s = [token], [], [], 0.0
+    step_end_s, step_tokens = [], []
     while len(out) < cfg.max_new_tokens and out[-1] not in cfg.stop_token_ids:
         budget = min(k, cfg.max_new_tokens - len(out) - 1)  # never draft past max_new_tokens
         if device_loop:
@@ -504,6 +507,9 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         accepted.append(n_ok)
         # A round without drafts (the budget's last token) says nothing about acceptance.
         speculator.end_round(len(committed) - 1, all_accepted=bool(drafts) and n_ok == len(drafts))
+        # Both loops have the round's tokens on the host here, so its work is finished.
+        step_end_s.append(time.perf_counter() - t1)
+        step_tokens.append(len(new))
         if on_round is not None:
             on_round(cache, committed)
     sync(model.device)
@@ -515,6 +521,7 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
         draft_prefill_counts=d1.minus(d0) if d0 else None,
         draft_decode_counts=drafter_counts.minus(d1) if d1 else None,
         draft_s=math.nan if device_loop else draft_s,
+        step_end_s=step_end_s, step_tokens=step_tokens,
         eager_head=eager, defer_threshold=threshold, device_loop=device_loop,
         kv_cache_bytes=cache_bytes(*caches),
         # Buffers only grow (a rollback is a view), so the end is the peak.
