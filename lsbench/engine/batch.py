@@ -33,9 +33,11 @@ class BatchGeneration:
 
 def generate_batch(strategy: str, model: EarlyExitModel, prompts: list[list[int]],
                    cfg: DecodingConfig, *, k: int = 4, exit_layer: int | None = None,
-                   draft: EarlyExitModel | None = None) -> BatchGeneration:
+                   draft: EarlyExitModel | None = None,
+                   compiled: bool = False) -> BatchGeneration:
     """Decode `prompts` together with one strategy (see `BATCHED_STRATEGIES`)."""
     sync(model.device)
-    rows = [generate(strategy, model, p, cfg, k=k, exit_layer=exit_layer, draft=draft)
+    rows = [generate(strategy, model, p, cfg, k=k, exit_layer=exit_layer, draft=draft,
+                     compiled=compiled)
             for p in prompts]
     return BatchGeneration(rows, sum(r.prefill_s for r in rows), sum(r.decode_s for r in rows))

@@ -49,6 +49,7 @@ class Generation:
     eager_head: bool = False  # verify head over all rows at once (else lazy: row 0 first)
     defer_threshold: float | None = None  # measured deferral break-even; None: the E/L rule
     device_loop: bool = False  # greedy rounds with one device-to-host transfer (CUDA)
+    compiled: bool = False  # ran the compiled forwards (else eager)
 
 
 def sync(device: torch.device | str) -> None:

@@ -531,8 +531,10 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
 
 def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
              k: int = 4, exit_layer: int | None = None,
-             draft: EarlyExitModel | None = None) -> Generation:
-    """Run one strategy by name."""
+             draft: EarlyExitModel | None = None, compiled: bool = False) -> Generation:
+    """Run one strategy by name; `compiled`: through the compiled forwards."""
+    if compiled:  # CONTRACT: the compiled engine (issue 19) replaces this refusal
+        raise LsbenchError("the compiled engine is not built yet; run with --no-compile")
     if strategy == "ar":
         return generate_ar(model, prompt_ids, cfg)
     if strategy == "layerskip":
