@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lsbench.backend.early_exit import EarlyExitModel, EvalCounts
+from lsbench.engine.generation import Generation
 from lsbench.errors import LsbenchError
 
 # The copy lives in a torch-only module: peak_gbps's child process imports it without
@@ -167,6 +168,24 @@ def roofline(weight_bytes: float, decode_s: float, peak: float) -> tuple[float, 
         return math.nan, math.nan
     achieved = weight_bytes / decode_s / 1e9
     return achieved, achieved / peak if peak > 0 else math.nan
+
+
+def generation_cost(gen: Generation, target: tuple[FlopModel, WeightModel],
+                    draft: tuple[FlopModel, WeightModel] | None, peak: float) -> dict[str, float]:
+    """The cost columns of one generation: FLOPs counted from what the target (and the draft
+    model, where one ran) evaluated, the weight bytes its decode read, and the roofline."""
+    parts = [(target, gen.prefill_counts, gen.decode_counts)]
+    if draft is not None and gen.draft_decode_counts is not None:
+        parts.append((draft, gen.draft_prefill_counts, gen.draft_decode_counts))
+    flops_prefill = sum(count_flops(fm, pre) for (fm, _), pre, _ in parts)
+    flops_decode = sum(count_flops(fm, dec) for (fm, _), _, dec in parts)
+    bytes_read = sum(count_weight_bytes(wm, dec) for (_, wm), _, dec in parts)
+    achieved, fraction = roofline(bytes_read, gen.decode_s, peak)
+    return {"flops_prefill": flops_prefill, "flops_decode": flops_decode,
+            "flops_per_output_token": (flops_decode / gen.decode_tokens if gen.decode_tokens
+                                       else math.nan),
+            "weight_bytes_read": bytes_read, "achieved_gbps": achieved, "peak_gbps": peak,
+            "roofline_fraction": fraction}
 
 
 # --- memory -------------------------------------------------------------------------------

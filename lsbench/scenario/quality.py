@@ -11,6 +11,16 @@ import torch
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
+def quality_columns(text: str, reference: str | None, tokens: list[int],
+                    baseline_ids: list[int] | None) -> dict:
+    """ROUGE of the decoded text against the reference summary, and agreement with the
+    baseline's tokens (None/NaN where the row has no baseline)."""
+    compared = baseline_ids is not None
+    return {**rouge_scores(text, reference),
+            "matches_baseline": tokens == baseline_ids if compared else None,
+            "agreement": agreement(tokens, baseline_ids) if compared else math.nan}
+
+
 # --- agreement with the baseline -----------------------------------------------------------
 
 def first_mismatch(output: list[int], reference: list[int]) -> int:

@@ -36,11 +36,9 @@ from lsbench.results.store import ResultStore
 from lsbench.scenario.accounting import (
     FlopModel,
     WeightModel,
-    count_flops,
-    count_weight_bytes,
+    generation_cost,
     peak_gbps,
     peak_memory_delta,
-    roofline,
     start_memory_window,
     weight_bytes,
 )
@@ -48,11 +46,10 @@ from lsbench.scenario.costs import calibrate
 from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
 from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
 from lsbench.scenario.quality import (
-    agreement,
     first_mismatch,
     logit_gap,
     lossless_verdict,
-    rouge_scores,
+    quality_columns,
     teacher_forced_logits,
 )
 
@@ -431,39 +428,15 @@ def _losslessness(prepared: PreparedJob, prompt: Prompt, tokens: list[int],
 
 def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position: int,
          gen: Generation, mem_delta: int | None, baseline: dict | None) -> dict:
-    job, loaded, env = prepared.job, prepared.loaded, prepared.env
+    """One Parquet row: what ran (identity), what it emitted and how long it took, its rounds,
+    its cost (`accounting`), its quality (`quality`) and the environment."""
+    job, loaded = prepared.job, prepared.loaded
     ex, prompt = prepared.examples[index], prepared.prompts[index]
     target = loaded.target
     draft = loaded.drafts[run.draft_model] if run.draft_model else None
     text = target.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-    k = run.num_speculations
-    hist = [0] * (k + 1) if k and gen.drafted else []
-    for a in gen.accepted:
-        if hist:
-            hist[a] += 1
-    if gen.drafted:  # lsbench's speculative loops
-        rounds = len(gen.drafted)
-    elif run.strategy in ("ar", "hf-ar", "exit"):
-        rounds = gen.decode_tokens
-    else:  # generate()'s assisted loop: one target forward through the last layer per round
-        rounds = gen.decode_counts.layer_calls[-1]
-    drafted, accepted = sum(gen.drafted), sum(gen.accepted)
-    flops_prefill = count_flops(loaded.flop_model, gen.prefill_counts)
-    flops_decode = count_flops(loaded.flop_model, gen.decode_counts)
-    if draft is not None and gen.draft_decode_counts is not None:
-        flops_prefill += count_flops(draft[2], gen.draft_prefill_counts)
-        flops_decode += count_flops(draft[2], gen.draft_decode_counts)
-    weight_bytes_read = count_weight_bytes(loaded.weights[""], gen.decode_counts)
-    if run.draft_model and gen.draft_decode_counts is not None:
-        weight_bytes_read += count_weight_bytes(loaded.weights[run.draft_model],
-                                                gen.draft_decode_counts)
-    achieved_gbps, roofline_fraction = roofline(weight_bytes_read, gen.decode_s, loaded.peak_gbps)
-    ms_per_token = _ms_per_token(gen)
-    base_ms = baseline["ms_per_token"] if baseline else None
     base_ids = baseline["output_ids"] if baseline else None
-    total_s = gen.prefill_s + gen.decode_s
-    weights = weight_bytes(target.model) + (weight_bytes(draft[0].model) if draft else 0)
-    hf = run.strategy.startswith("hf-")  # transformers' loop: drafting is not observable
+    draft_cost = (draft[2], loaded.weights[run.draft_model]) if draft else None
     return {
         "run_id": job.run_id(run), "sweep_name": job.name, "sweep_file": job.sweep_file,
         "strategy": run.strategy, "is_baseline": run in BASELINES,
@@ -471,7 +444,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "model_num_layers": loaded.adapter.num_layers, "model_params": target.num_parameters,
         "draft_model": run.draft_model, "draft_num_layers": draft[1].num_layers if draft else 0,
         "draft_params": draft[0].num_parameters if draft else 0,
-        "exit_layer": run.exit_layer, "num_speculations": k,
+        "exit_layer": run.exit_layer, "num_speculations": run.num_speculations,
         "dataset": job.dataset.name, "dataset_split": job.dataset.split,
         "dataset_fingerprint": prepared.fingerprint, "example_id": ex.example_id,
         "example_index": index, "repeat": repeat, "position_in_example": position,
@@ -479,13 +452,61 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "top_k": job.decoding.top_k, "top_p": job.decoding.top_p, "seed": job.decoding.seed,
         "max_new_tokens": job.decoding.max_new_tokens, "prompt_format": prompt.format,
         "max_input_tokens": job.max_input_tokens, "prompt_tokens": len(prompt.ids),
-        "article_truncated": prompt.truncated,
-        "output_ids": gen.tokens, "output_text": text, "new_tokens": len(gen.tokens),
-        "decode_tokens": gen.decode_tokens, "prefill_s": gen.prefill_s, "decode_s": gen.decode_s,
-        "total_s": total_s, "draft_s": math.nan if hf else gen.draft_s,
-        "lossy": run.strategy in LOSSY, "rounds": rounds,
-        "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted, "accept_hist": hist,
-        "rounds_without_draft": None if hf else _rounds_without_draft(gen, job.decoding),
+        "article_truncated": prompt.truncated, "lossy": run.strategy in LOSSY,
+        "output_ids": gen.tokens, "output_text": text,
+        **_timing_columns(gen, baseline),
+        **_round_columns(gen, run, job.decoding),
+        **generation_cost(gen, (loaded.flop_model, loaded.weights[""]), draft_cost,
+                          loaded.peak_gbps),
+        "weight_bytes": weight_bytes(target.model) + (weight_bytes(draft[0].model) if draft
+                                                      else 0),
+        "kv_cache_bytes": gen.kv_cache_bytes,
+        "kv_cache_capacity_bytes": gen.kv_cache_capacity_bytes,
+        "peak_mem_delta_bytes": mem_delta,
+        **quality_columns(text, ex.reference, gen.tokens, base_ids),
+        **_losslessness(prepared, prompt, gen.tokens, base_ids),
+        "baseline_strategy": baseline_of(run).strategy,
+        "draft_revision": _draft_revision(loaded, run),
+        **prepared.env,
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _timing_columns(gen: Generation, baseline: dict | None) -> dict:
+    """Tokens and wall times, the rates derived from them, and the speedup on the baseline."""
+    total_s = gen.prefill_s + gen.decode_s
+    ms_per_token = _ms_per_token(gen)
+    base_ms = baseline["ms_per_token"] if baseline else None
+    return {
+        "new_tokens": len(gen.tokens), "decode_tokens": gen.decode_tokens,
+        "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "total_s": total_s,
+        "tokens_per_s": gen.decode_tokens / gen.decode_s if gen.decode_s > 0 else math.nan,
+        "e2e_tokens_per_s": len(gen.tokens) / total_s if total_s > 0 else math.nan,
+        "ms_per_token": ms_per_token,
+        "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
+        "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
+    }
+
+
+def _round_columns(gen: Generation, run: RunSpec, decoding: DecodingConfig) -> dict:
+    """Verification rounds: how many, what each drafted and accepted, and their summaries."""
+    k = run.num_speculations
+    hist = [0] * (k + 1) if k and gen.drafted else []
+    for a in gen.accepted if hist else ():
+        hist[a] += 1
+    if gen.drafted:  # lsbench's speculative loops
+        rounds = len(gen.drafted)
+    elif run.strategy in ("ar", "hf-ar", "exit"):
+        rounds = gen.decode_tokens
+    else:  # generate()'s assisted loop: one target forward through the last layer per round
+        rounds = gen.decode_counts.layer_calls[-1]
+    drafted, accepted = sum(gen.drafted), sum(gen.accepted)
+    hf = run.strategy.startswith("hf-")  # transformers' loop: drafting is not observable
+    return {
+        "draft_s": math.nan if hf else gen.draft_s, "rounds": rounds,
+        "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted,
+        "accept_hist": hist,
+        "rounds_without_draft": None if hf else _rounds_without_draft(gen, decoding),
         "layer_tokens_prefill": gen.prefill_counts.layer_tokens,
         "layer_tokens_decode": gen.decode_counts.layer_tokens,
         "attn_pairs_prefill": gen.prefill_counts.attn_pairs,
@@ -496,26 +517,6 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
                                       if gen.draft_decode_counts else []),
         "draft_head_tokens_decode": (gen.draft_decode_counts.head_tokens
                                      if gen.draft_decode_counts else 0),
-        "tokens_per_s": gen.decode_tokens / gen.decode_s if gen.decode_s > 0 else math.nan,
-        "e2e_tokens_per_s": len(gen.tokens) / total_s if total_s > 0 else math.nan,
-        "ms_per_token": ms_per_token,
         "acceptance_rate": accepted / drafted if drafted else math.nan,
         "mean_accepted_len": gen.decode_tokens / rounds if rounds else math.nan,
-        "flops_prefill": flops_prefill, "flops_decode": flops_decode,
-        "flops_per_output_token": (flops_decode / gen.decode_tokens if gen.decode_tokens
-                                   else math.nan),
-        "weight_bytes_read": weight_bytes_read, "achieved_gbps": achieved_gbps,
-        "peak_gbps": loaded.peak_gbps, "roofline_fraction": roofline_fraction,
-        "weight_bytes": weights, "kv_cache_bytes": gen.kv_cache_bytes,
-        "kv_cache_capacity_bytes": gen.kv_cache_capacity_bytes,
-        "peak_mem_delta_bytes": mem_delta,
-        **rouge_scores(text, ex.reference),
-        "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
-        "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
-        "matches_baseline": gen.tokens == base_ids if base_ids is not None else None,
-        **_losslessness(prepared, prompt, gen.tokens, base_ids),
-        "agreement": agreement(gen.tokens, base_ids) if base_ids is not None else math.nan,
-        "baseline_strategy": baseline_of(run).strategy,
-        "draft_revision": _draft_revision(loaded, run),
-        **env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
