@@ -77,6 +77,9 @@ Limit = Annotated[int | None, typer.Option(help="Number of examples (same seed-c
                   "for every run).")]
 Speculations = Annotated[str | None, typer.Option("--num-speculations", "-k",
                          help="Draft tokens per round: list like 2,4,8.")]
+BatchSizes = Annotated[str | None, typer.Option("--batch-size", help="Examples decoded "
+                      "together (static batching): list like 1,4,16, each a sweep point with "
+                      "its own ar baseline (default 1).")]
 MaxNew = Annotated[int | None, typer.Option(help="Tokens to generate per example.")]
 Repeats = Annotated[int | None, typer.Option(help="Measured repeats per example.")]
 Warmup = Annotated[int | None, typer.Option(help="Unmeasured warm-up generations per run.")]
@@ -224,7 +227,7 @@ def sweep(
     model: Model = None, dataset: Dataset = None, limit: Limit = None,
     exit_layers: Annotated[str | None, typer.Option("--exit-layers", "-e", help="List 4,8,12, "
                            "range start:stop:step (stop included) or all.")] = None,
-    num_speculations: Speculations = None,
+    num_speculations: Speculations = None, batch_size: BatchSizes = None,
     strategy: Annotated[list[str] | None, typer.Option(help="layerskip (default), "
                         "hf-early-exit (transformers' assistant_early_exit), pld (prompt "
                         "lookup, swept over k), hf-pld (transformers' prompt lookup), exit "
@@ -245,7 +248,7 @@ def sweep(
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
             ("sweep", "strategies"): strategy or None, ("sweep", "repeats"): repeats,
-            ("sweep", "warmup"): warmup},
+            ("sweep", "warmup"): warmup, ("sweep", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
@@ -253,6 +256,9 @@ def sweep(
             if shard is not None or device_map is not None:
                 raise LsbenchError("--exit-layers auto scans first; drop --shard and "
                                    "--device-map")
+            if s.get("sweep", "batch_sizes") not in (None, 1, [1], "1"):
+                raise LsbenchError("--exit-layers auto measures batch size 1 only; give the "
+                                   "exit layers to sweep with --batch-size")
             _auto_sweep(s, top, out, force, ray)
         elif top is not None:
             raise LsbenchError("--top needs --exit-layers auto")
@@ -271,7 +277,7 @@ def compare(
                      "share the target's tokenizer. 'pld': prompt lookup, no model.")] = None,
     early_exit: Annotated[list[str] | None, typer.Option(help="Early-exit layer (repeatable, "
                           "or a list 4,8).")] = None,
-    num_speculations: Speculations = None,
+    num_speculations: Speculations = None, batch_size: BatchSizes = None,
     hf_reference: Annotated[bool | None, typer.Option("--hf-reference/--no-hf-reference",
                             help="Also run transformers' assisted generation, "
                             "assistant_early_exit and prompt lookup.")] = None,
@@ -291,7 +297,7 @@ def compare(
             ("compare", "early_exit"): ",".join(early_exit) if early_exit else None,
             ("compare", "num_speculations"): num_speculations,
             ("compare", "hf_reference"): hf_reference, ("compare", "repeats"): repeats,
-            ("compare", "warmup"): warmup},
+            ("compare", "warmup"): warmup, ("compare", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
@@ -28,6 +29,9 @@ from lsbench.backend.kv_cache import cache_bytes, cache_capacity_bytes
 from lsbench.engine.generation import DecodingConfig, Generation, prompt_tensor, sync
 from lsbench.engine.prompt_lookup import MAX_NGRAM
 from lsbench.errors import LsbenchError
+
+if TYPE_CHECKING:  # batch.py imports strategies, which imports this module
+    from lsbench.engine.batch import BatchGeneration
 
 HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit", "hf-pld")
 
@@ -206,3 +210,53 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         kv_cache_capacity_bytes=cache_capacity_bytes(output.past_key_values),
         step_end_s=[at - t1 for at in clock.step_at], step_tokens=clock.step_tokens,
     )
+
+
+@torch.inference_mode()
+def generate_hf_batch(model: EarlyExitModel, prompts: list[list[int]],
+                      cfg: DecodingConfig) -> BatchGeneration:
+    """`hf-ar` at batch B: generate() over the prompts left-padded, with the 2-D attention
+    mask (generate() derives each row's positions from it). generate() decodes every row
+    each step until all have finished (finished rows emit padding), so each row is given the
+    batch's evaluation counts and an equal share of its cache; a row's decode ends at its
+    own last token (stop token included), the batch's at the last row's."""
+    from lsbench.engine.batch import BatchGeneration
+
+    gen_cfg = neutral_generation_config(cfg)
+    padded = range(model.vocab_size, model.model.lm_head.out_features)
+    if len(padded):
+        gen_cfg.suppress_tokens = list(padded)
+    width = max(len(p) for p in prompts)
+    if not min(len(p) for p in prompts):
+        raise LsbenchError("empty prompt")
+    pad = gen_cfg.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                        device=model.device)
+    clock = _FirstTokenClock(model.device, [model])
+    torch.manual_seed(cfg.seed)
+    start = model.counts.copy()
+    with CountingHooks(model), _neutral_models([model.model], gen_cfg):
+        sync(model.device)
+        t0 = time.perf_counter()
+        output = model.model.generate(ids, attention_mask=mask, generation_config=gen_cfg,
+                                      streamer=clock)
+        sync(model.device)
+        t2 = time.perf_counter()
+    t1 = clock.first_at or t2
+    first = clock.counts_at_first[0] if clock.counts_at_first else model.counts.copy()
+    prefill_counts, decode_counts = first.minus(start), model.counts.minus(first)
+    kv = cache_bytes(output.past_key_values) // len(prompts)
+    kv_capacity = cache_capacity_bytes(output.past_key_values) // len(prompts)
+    steps = [at - t1 for at in clock.step_at]
+    rows = []
+    for seq in output.sequences[:, width:].tolist():
+        stop = next((i for i, t in enumerate(seq) if t in cfg.stop_token_ids), len(seq) - 1)
+        tokens = seq[:stop + 1]  # what follows a row's stop token is padding
+        own = steps[:len(tokens) - 1]  # step i emits token i + 1
+        rows.append(Generation(
+            tokens, t1 - t0, own[-1] if own else 0.0, len(tokens) - 1,
+            prefill_counts=prefill_counts, decode_counts=decode_counts,
+            kv_cache_bytes=kv, kv_cache_capacity_bytes=kv_capacity,
+            step_end_s=own, step_tokens=[1] * len(own)))
+    return BatchGeneration(rows, t1 - t0, t2 - t1)

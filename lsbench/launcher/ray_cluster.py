@@ -31,15 +31,18 @@ from lsbench.results.store import ResultStore
 from lsbench.scenario.data import load_examples
 from lsbench.scenario.jobs import JobSpec, RunSpec
 from lsbench.scenario.runner import (
+    Batch,
     JobOutcome,
     ProgressEvent,
+    batch_runs,
     begin_job,
     check_stored_environment,
     expected_environments,
+    job_batches,
     measure_unit,
     pending_units,
     prepare_job,
-    shard_examples,
+    shard_batches,
     stored_baselines,
     validate,
     warm_up,
@@ -157,11 +160,11 @@ class Worker:
         return ([len(p.ids) for p in self.prepared.prompts],
                 expected_environments(self.prepared.job, self.prepared))
 
-    def measure(self, example_index: int, repeats: list[int], done: set, baselines: dict
+    def measure(self, batch: Batch, repeats: list[int], done: set, baselines: dict
                 ) -> list[dict]:
         rows: list[dict] = []
         for rep in repeats:
-            rows += measure_unit(self.prepared, example_index, rep, done, baselines)
+            rows += measure_unit(self.prepared, batch, rep, done, baselines)
         return rows
 
 
@@ -198,14 +201,17 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
         # The driver loads data, no model: the workers report prompt lengths.
         examples, _ = load_examples(job.dataset)
         done_keys = store.completed_keys()
-        selected = set(shard_examples(len(examples), shard))
+        # A unit of work is one batch (one example at batch size 1) with all its repeats.
+        batches = shard_batches(job_batches(job, len(examples)), shard)
         units: dict[int, list[int]] = {}
-        for i, rep in pending_units(job, [ex.example_id for ex in examples], done_keys):
-            if i in selected:
-                units.setdefault(i, []).append(rep)
-        todo = sum(1 for i, reps in units.items() for rep in reps for r in job.runs
-                   if (job.run_id(r), examples[i].example_id, rep) not in done_keys)
-        total = len(selected) * job.repeats * len(job.runs)
+        for batch, rep in pending_units(job, [ex.example_id for ex in examples], done_keys):
+            if batch in batches:
+                units.setdefault(batches.index(batch), []).append(rep)
+        todo = sum(1 for i, reps in units.items() for rep in reps
+                   for r in batch_runs(job, batches[i].size) for e in batches[i].examples
+                   if (job.run_id(r), examples[e].example_id, rep) not in done_keys)
+        total = job.repeats * sum(len(b.examples) * len(batch_runs(job, b.size))
+                                  for b in batches)
         done = total - todo
         if not units:
             emit(ProgressEvent("done", done, total, "done"))
@@ -215,20 +221,22 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
         # environment (measure_unit checks it).
         baselines = stored_baselines(job, stored)
         pending_runs = [r for r in job.runs
-                        if any((job.run_id(r), examples[i].example_id, rep) not in done_keys
-                               for i, reps in units.items() for rep in reps)]
+                        if any((job.run_id(r), examples[e].example_id, rep) not in done_keys
+                               for i, reps in units.items() if batches[i].size == r.batch_size
+                               for rep in reps for e in batches[i].examples)]
 
         def submit(worker, i: int):
-            keys = {k for k in done_keys if k[1] == examples[i].example_id}
-            base = {k: v for k, v in baselines.items() if k[1] == examples[i].example_id}
-            return worker.measure.remote(i, units[i], keys, base)
+            ids = {examples[e].example_id for e in batches[i].examples}
+            keys = {k for k in done_keys if k[1] in ids}
+            base = {k: v for k, v in baselines.items() if k[1] in ids}
+            return worker.measure.remote(batches[i], units[i], keys, base)
 
         def finished(i: int, rows: list[dict], workers: int) -> None:
             nonlocal done
             store.append(rows)  # a unit's rows together, as run_job stores them
             done += len(rows)
             emit(ProgressEvent("measure", done, total,
-                               f"{workers} workers · example {i + 1}/{len(examples)}"))
+                               f"{workers} workers · {unit_name(batches[i], len(examples))}"))
 
         emit(ProgressEvent("load", done, total, "starting Ray"))
         with ray_workers(ray, target, job, len(units), Worker, job, pending_runs) as workers:
@@ -244,8 +252,10 @@ def run_job_on_ray(job: JobSpec, store: ResultStore, target: RayTarget, *, force
 
             hand_out(ray, workers, units, submit,
                      lambda i, rows: finished(i, rows, len(workers)),
-                     lambda i: emit(ProgressEvent("measure", done, total, "a worker died; "
-                                                  f"example {i + 1} queued again")), started)
+                     lambda i: emit(ProgressEvent(
+                         "measure", done, total, "a worker died; "
+                         f"{unit_name(batches[i], len(examples))} queued again")), started,
+                     length=lambda i, lengths: max(lengths[e] for e in batches[i].examples))
         store.compact()
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(todo, total - todo)
@@ -307,13 +317,21 @@ def ray_workers(ray, target: RayTarget, job: JobSpec, wanted: int, actor_class, 
             ray.shutdown()
 
 
+def unit_name(batch: Batch, num_examples: int) -> str:
+    if batch.size == 1:
+        return f"example {batch.batch_id + 1}/{num_examples}"
+    return f"batch {batch.batch_id + 1} of {batch.size} examples"
+
+
 def hand_out(ray, workers: list, units: Iterable[int], submit: Callable[[object, int], object],
              finished: Callable[[int, object], None], requeued: Callable[[int], None],
-             started: Callable[[tuple[list[int], dict], bool], None]) -> None:
+             started: Callable[[tuple[list[int], dict], bool], None],
+             length: Callable[[int, list[int]], int] = lambda i, lengths: lengths[i]) -> None:
     """Hand example units to whichever worker is free (`ray.wait`) until every unit has
     finished. A worker gets its first unit as soon as it has loaded, without waiting for the
     others: `started(its ready(), first)` sees it first (and may refuse it), and the first
-    worker's prompt lengths order the units, longest prompt first. `submit(worker, i)` starts
+    worker's prompt lengths order the units, longest prompt first (`length(i, lengths)`:
+    unit i's, by default example i's). `submit(worker, i)` starts
     unit i, `finished(i, result)` takes its result. A unit whose worker died goes back to the
     front of the queue (`requeued(i)`) and runs again, whole, on another worker."""
     dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
@@ -347,14 +365,10 @@ def hand_out(ray, workers: list, units: Iterable[int], submit: Callable[[object,
         if i is None:
             started(result, queue is None)
             if queue is None:
-                queue = longest_first(units, result[0])
+                queue = deque(sorted(units, key=lambda i: (-length(i, result[0]), i)))
         else:
             finished(i, result)
         idle.append(worker)
-
-
-def longest_first(examples: Iterable[int], lengths: list[int]) -> deque:
-    return deque(sorted(examples, key=lambda i: (-lengths[i], i)))
 
 
 def _start(ray, target: RayTarget) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes
+SCHEMA_VERSION = 4  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes;
+# 4: batch_size, batch_id, batch_*_s, batch_tokens_per_s, peak_gflops
 # Columns of older versions that this one no longer has: dropped when such a file is read.
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
@@ -47,8 +48,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("example_id", pa.string(), "stable id of the example within the dataset"),
     ("example_index", pa.int64(), "position of the example in the selection"),
     ("repeat", pa.int64(), "repeat number, 0-based (warm-up runs are never stored)"),
-    ("position_in_example", pa.int64(), "0-based place of this run in its (example, repeat) "
-     "unit's measuring order, shuffled with (seed, example_index, repeat)"),
+    ("position_in_example", pa.int64(), "0-based place of this run in its (batch, repeat) "
+     "unit's measuring order, shuffled with (seed, example_index, repeat) at batch size 1, "
+     "(seed, batch_id, repeat, batch_size) above"),
+    ("batch_size", pa.int64(), "examples decoded together (static batching): B of "
+     "--batch-size; the last batch of a size may hold fewer; null in files of schema version "
+     "3 and older (batch 1)"),
+    ("batch_id", pa.int64(), "0-based batch of B consecutive examples of the selection the row "
+     "was decoded in (at batch size 1 the example index)"),
     ("do_sample", pa.bool_(), "false: greedy; true: sampling"),
     ("temperature", pa.float64(), "sampling temperature"),
     ("top_k", pa.int64(), "top-k filter, 0 off"),
@@ -67,6 +74,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("batch_prefill_s", pa.float64(), "seconds the row's batch took up to every row's first "
+     "new token (prefill_s at batch size 1)"),
+    ("batch_decode_s", pa.float64(), "seconds from the batch's first new tokens until its last "
+     "row finished (decode_s at batch size 1); a row's own decode_s ends at its last token"),
+    ("batch_tokens_per_s", pa.float64(), "aggregate throughput of the row's batch: all its "
+     "rows' new_tokens / batch_decode_s (the same in every row of a batch)"),
     ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
      "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
     ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
@@ -96,17 +109,24 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + draft"),
     ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens"),
     ("weight_bytes_read", pa.int64(), "weight bytes read in decode, target + draft: layer calls "
-     "x layer bytes + LM-head calls x head bytes + embedded tokens x one embedding row"),
-    ("achieved_gbps", pa.float64(), "weight_bytes_read / decode_s / 1e9"),
+     "x layer bytes + LM-head calls x head bytes + embedded tokens x one embedding row; at "
+     "batch size B the row's share, batch bytes / rows of the batch (weights are read once per "
+     "step for all rows; the batch's bytes are its costliest row's)"),
+    ("achieved_gbps", pa.float64(), "weight bytes read / decode seconds / 1e9 of the row's batch "
+     "(the row's own at batch size 1)"),
     ("peak_gbps", pa.float64(), "the device's memory copy bandwidth in GB/s (read + write), "
-     "measured once per process: the roofline's peak"),
-    ("roofline_fraction", pa.float64(), "achieved_gbps / peak_gbps: how close decoding comes to "
-     "the weight-read bound at batch 1"),
+     "measured once per process: the roofline's memory peak"),
+    ("peak_gflops", pa.float64(), "the device's matmul rate in GFLOP/s in the weights' dtype "
+     "(a large square matmul), measured once per process: the roofline's compute peak"),
+    ("roofline_fraction", pa.float64(), "roofline time / batch_decode_s, the roofline time "
+     "being max(batch weight bytes / peak_gbps, batch decode FLOPs / peak_gflops): how close "
+     "the batch comes to its bound (at batch 1 achieved_gbps / peak_gbps: weight reads rule)"),
     ("weight_bytes", pa.int64(), "bytes of the weights the strategy uses: target, plus the "
      "draft model where it has one"),
     ("kv_cache_bytes", pa.int64(), "bytes the committed tokens occupy in the KV cache at the "
      "end of the run: keys and values of every layer at its length (the draft model's cache "
-     "too; hf-*: the target's cache only)"),
+     "too; hf-*: the target's cache only); at batch size B the row's own (hf-ar: the batch's "
+     "padded cache / rows), the batch's being the sum over its rows"),
     ("kv_cache_capacity_bytes", pa.int64(), "bytes of the KV-cache storage allocated at the "
      "run's peak, over-allocated capacity included (same caches as kv_cache_bytes); null in "
      "files of schema version 2 and older"),
@@ -116,10 +136,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("rouge2", pa.float64(), "ROUGE-2 F1 vs the reference, NaN without reference"),
     ("rougeL", pa.float64(), "ROUGE-L F1 vs the reference, NaN without reference"),
     ("baseline_strategy", pa.string(), "the baseline this row is compared with: ar for "
-     "lsbench's strategies, hf-ar for transformers' (same example, repeat and process)"),
+     "lsbench's strategies, hf-ar for transformers' (same example, repeat, batch size and "
+     "batch composition, and process)"),
     ("baseline_ms_per_token", pa.float64(), "ms_per_token of the baseline on the same example"),
-    ("speedup", pa.float64(), "baseline_ms_per_token / ms_per_token"),
-    ("matches_baseline", pa.bool_(), "output identical to the baseline's (meaningful for greedy)"),
+    ("speedup", pa.float64(), "baseline_ms_per_token / ms_per_token (the baseline row of the "
+     "same example in the same batch)"),
+    ("matches_baseline", pa.bool_(), "output identical to the baseline's (meaningful for greedy); "
+     "for ar/hf-ar at batch size B > 1 this and the columns below compare with the batch-1 "
+     "baseline of the same example and repeat (null when none was measured)"),
     ("first_mismatch", pa.int64(), "first output position that differs from the baseline's, "
      "-1 when identical (the shorter length when one is a prefix of the other)"),
     ("mismatch_margin", pa.float64(), "float32 logit gap at first_mismatch between the "

@@ -25,7 +25,11 @@ from lsbench.errors import LsbenchError
 
 # The copy lives in a torch-only module: peak_gbps's child process imports it without
 # transformers (seconds of start-up per process). Re-exported for callers of accounting.
-from lsbench.scenario.bandwidth import COPY_BYTES, measure_copy_gbps  # noqa: F401
+from lsbench.scenario.bandwidth import (  # noqa: F401
+    COPY_BYTES,
+    measure_copy_gbps,
+    measure_matmul_gflops,
+)
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,30 @@ def peak_gbps(device: torch.device | str) -> float:
 def _peak_gbps(device: str) -> float:
     if torch.device(device).type != "cpu":
         return measure_copy_gbps(device)
+    return _in_child("measure_copy_gbps('cpu')", "the CPU copy bandwidth")
+
+
+def peak_gflops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
+    """The batched roofline's compute peak for `device` in `dtype`: a large matmul's rate in
+    GFLOP/s, measured once per process like `peak_gbps` (on CPU in a child process too)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _peak_gflops(str(dev), str(dtype).replace("torch.", ""))
+
+
+@functools.cache
+def _peak_gflops(device: str, dtype: str) -> float:
+    if torch.device(device).type != "cpu":
+        return measure_matmul_gflops(device, getattr(torch, dtype))
+    return _in_child(f"measure_matmul_gflops('cpu', torch.{dtype})", "the CPU matmul rate")
+
+
+def _in_child(call: str, what: str) -> float:
+    """A `bandwidth` measurement run in a child process with this process's thread count."""
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            "from lsbench.scenario.bandwidth import measure_copy_gbps; "
-            "print(measure_copy_gbps('cpu'))")
+            "from lsbench.scenario.bandwidth import *; "
+            f"print({call})")
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
@@ -159,7 +184,7 @@ def _peak_gbps(device: str) -> float:
                              env=env, timeout=300, check=True)
         return float(out.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-        raise LsbenchError(f"could not measure the CPU copy bandwidth: {exc}") from None
+        raise LsbenchError(f"could not measure {what}: {exc}") from None
 
 
 def roofline(weight_bytes: float, decode_s: float, peak: float) -> tuple[float, float]:
@@ -186,6 +211,34 @@ def generation_cost(gen: Generation, target: tuple[FlopModel, WeightModel],
                                        else math.nan),
             "weight_bytes_read": bytes_read, "achieved_gbps": achieved, "peak_gbps": peak,
             "roofline_fraction": fraction}
+
+
+def roofline_s(weight_bytes: float, flops: float, peak: float, peak_gflops: float) -> float:
+    """The roofline's time for a batch's decode: max(weight bytes / copy bandwidth, FLOPs /
+    matmul peak). At batch 1 the first term rules; rows of a batch share the weight reads but
+    each adds its FLOPs, so with enough rows the second takes over."""
+    bounds = [x for x in (weight_bytes / (peak * 1e9) if peak > 0 else math.nan,
+                          flops / (peak_gflops * 1e9) if peak_gflops > 0 else math.nan)
+              if not math.isnan(x)]
+    return max(bounds) if bounds else math.nan
+
+
+def batch_costs(costs: list[dict], batch_decode_s: float, peak: float,
+                peak_gflops: float) -> list[dict]:
+    """The rows' `generation_cost` columns with the batch dimension. Weights are read once per
+    step for all rows, and a batch steps until its longest row ends, so the batch's weight
+    bytes are its costliest row's; each row is charged an equal share (batch bytes / rows).
+    FLOPs stay each row's own. achieved_gbps and roofline_fraction describe the batch (the
+    same in each of its rows): batch bytes / batch decode time, and the roofline's time
+    (`roofline_s`, over the rows' FLOPs summed) / batch decode time. A row alone is a batch
+    of one: its columns are `generation_cost`'s."""
+    batch_bytes = max(c["weight_bytes_read"] for c in costs)
+    batch_flops = sum(c["flops_decode"] for c in costs)
+    achieved, _ = roofline(batch_bytes, batch_decode_s, peak)
+    bound = roofline_s(batch_bytes, batch_flops, peak, peak_gflops)
+    fraction = bound / batch_decode_s if batch_decode_s > 0 and batch_bytes else math.nan
+    return [{**c, "weight_bytes_read": batch_bytes // len(costs), "achieved_gbps": achieved,
+             "roofline_fraction": fraction, "peak_gflops": peak_gflops} for c in costs]
 
 
 # --- memory -------------------------------------------------------------------------------

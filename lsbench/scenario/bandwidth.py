@@ -38,3 +38,30 @@ def measure_copy_gbps(device: torch.device | str, nbytes: int | None = None,
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# Square matmuls big enough to reach the device's peak, small enough to measure in seconds.
+MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}
+
+
+def measure_matmul_gflops(device: torch.device | str, dtype: torch.dtype = torch.float32,
+                          n: int | None = None, repeats: int = 5) -> float:
+    """Best-of-`repeats` rate of an n x n by n x n matmul in `dtype` on `device`, in GFLOP/s
+    (2 n^3 FLOPs: a multiply and an add per multiply-accumulate): the compute roof of the
+    batched roofline, as the copy bandwidth is its memory roof."""
+    dev = torch.device(device)
+    n = n or MATMUL_SIZE.get(dev.type, MATMUL_SIZE["cpu"])
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    out = a @ b  # the first call picks kernels and allocates: not timed
+    best = math.inf
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    del a, b, out
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n**3 / best / 1e9

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,14 @@ class RunSpec:
     exit_layer: int = 0
     num_speculations: int = 0
     draft_model: str = ""
+    batch_size: int = 1  # examples decoded together (static batching)
 
     @property
     def label(self) -> str:
+        return self._label + (f" B={self.batch_size}" if self.batch_size != 1 else "")
+
+    @property
+    def _label(self) -> str:
         if self.strategy in ("ar", "hf-ar"):
             return self.strategy
         if self.strategy in LOOKUP:
@@ -51,14 +56,46 @@ BASELINES = (BASELINE, HF_BASELINE)
 
 def baseline_of(run: RunSpec) -> RunSpec:
     """The baseline a run's speedup is taken against: the same engine's autoregressive
-    decoding, so that an engine gap never passes for an algorithm's gain."""
-    return HF_BASELINE if run.strategy.startswith("hf-") else BASELINE
+    decoding at the same batch size, so that an engine gap never passes for an algorithm's
+    gain (and batching's own gain never for speculation's)."""
+    base = HF_BASELINE if run.strategy.startswith("hf-") else BASELINE
+    return replace(base, batch_size=run.batch_size)
+
+
+def is_baseline(run: RunSpec) -> bool:
+    return replace(run, batch_size=1) in BASELINES
 
 
 def with_baselines(runs: list[RunSpec]) -> list[RunSpec]:
     """`ar` first, then `hf-ar` whenever a transformers reference is measured."""
     needed = [BASELINE] + [HF_BASELINE] * any(baseline_of(r) == HF_BASELINE for r in runs)
     return needed + [r for r in runs if r not in needed]
+
+
+# transformers' assisted generation (assistant model, assistant_early_exit, prompt lookup) is
+# batch 1 only; lsbench's loops and generate()'s plain decoding (hf-ar) take batches.
+BATCH_ONE_ONLY = ("hf-assisted", "hf-early-exit", "hf-pld")
+
+
+def batch_sizes(s: Settings, section: str) -> list[int]:
+    """`[<section>] batch_sizes` (--batch-size): a list like 1,4,16; default 1."""
+    sizes = parse_int_list(s.get(section, "batch_sizes", [1]), what="batch sizes")
+    if any(b < 1 for b in sizes):
+        raise LsbenchError(f"batch sizes must be >= 1, got {sizes}")
+    return sizes
+
+
+def batched(runs: list[RunSpec], sizes: list[int]) -> list[RunSpec]:
+    """Every run (baselines included) at every batch size, batch size by batch size; one line
+    of refusal for transformers' assisted strategies at a batch size above 1."""
+    if any(b > 1 for b in sizes):
+        refused = sorted({r.strategy for r in runs if r.strategy in BATCH_ONE_ONLY})
+        if refused:
+            raise LsbenchError(f"{', '.join(refused)} cannot run at batch size "
+                               f"{max(sizes)}: transformers' assisted generation is batch 1 "
+                               "only; use lsbench's own loops (layerskip, spec, pld) or "
+                               "--batch-size 1")
+    return [replace(r, batch_size=b) for b in sizes for r in runs]
 LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit layer
 # Strategies `lsbench sweep` accepts: early exit verified (swept over E and k), prompt lookup
 # (over k) and early exit without verification (over E; lossy).
@@ -90,9 +127,12 @@ class JobSpec:
         # The limit is left out: selections are prefix-stable and rows are keyed by example id,
         # so raising --limit measures only the new examples.
         dataset = {k: v for k, v in asdict(self.dataset).items() if k != "limit"}
+        spec = asdict(run)
+        if spec["batch_size"] == 1:  # batch 1 keeps the ids it had before batching existed
+            del spec["batch_size"]
         key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
-               "dtype": self.dtype, "device": self.device, "run": asdict(run)}
+               "dtype": self.dtype, "device": self.device, "run": spec}
         blob = json.dumps(key, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -148,8 +188,10 @@ _SECTIONS = {
          "compare"},
     "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
     "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
-    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
-    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference"},
+    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup",
+              "batch_sizes"},
+    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference",
+                "batch_sizes"},
 }
 
 
@@ -315,7 +357,7 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
             runs += [RunSpec(name, 0, k) for k in ks]
         else:
             runs += [RunSpec(name, e, k) for e in layers for k in ks]
-    return base_job(s, with_baselines(runs), "sweep")
+    return base_job(s, batched(with_baselines(runs), batch_sizes(s, "sweep")), "sweep")
 
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
@@ -342,7 +384,7 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return base_job(s, with_baselines(runs), "compare")
+    return base_job(s, batched(with_baselines(runs), batch_sizes(s, "compare")), "compare")
 
 
 

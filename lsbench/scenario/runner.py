@@ -1,9 +1,12 @@
 """Runs a JobSpec: loads models once, warms up, then measures unit by unit. A unit is one
-example with all its runs for one repeat, in an order shuffled per unit with the job's seed
-(baselines included), so that position effects (cache warmth, thermal drift) favour no run.
-Every speedup is taken against a baseline of the same engine measured in the same process on
-the same device: `ar` for lsbench's loops, `hf-ar` for transformers' references. A unit's rows
-are stored atomically once the unit is measured. Never prints: progress goes to a callback.
+batch (`Batch`: B consecutive examples decoded together; at batch size 1 one example) with
+all its runs at that batch size for one repeat, in an order shuffled per unit with the job's
+seed (baselines included), so that position effects (cache warmth, thermal drift) favour no
+run. Every speedup is taken against a baseline of the same engine at the same batch size
+measured in the same process on the same device, row by row on the same batch composition:
+`ar` for lsbench's loops, `hf-ar` for transformers' references. A unit's rows are stored
+atomically once the unit is measured: a batch is stored whole or not at all. Never prints:
+progress goes to a callback.
 
 The interface a launcher builds on: `prepare_job`, `warm_up`, `pending_units`, `measure_unit`;
 `run_job` is the single-process entry point built from them."""
@@ -11,6 +14,7 @@ The interface a launcher builds on: `prepare_job`, `warm_up`, `pending_units`, `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import math
 import platform
@@ -28,7 +32,9 @@ import transformers
 from lsbench import __version__
 from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.backend.loading import LoadedModel, load_model, locate_model
+from lsbench.engine.batch import BATCHED_STRATEGIES, BatchGeneration, generate_batch
 from lsbench.engine.generation import DecodingConfig, Generation
+from lsbench.engine.hf_reference import generate_hf_batch
 from lsbench.engine.strategies import LOSSY, generate
 from lsbench.errors import LsbenchError
 from lsbench.results.schema import SCHEMA_VERSION
@@ -36,15 +42,17 @@ from lsbench.results.store import ResultStore
 from lsbench.scenario.accounting import (
     FlopModel,
     WeightModel,
+    batch_costs,
     generation_cost,
     peak_gbps,
+    peak_gflops,
     peak_memory_delta,
     start_memory_window,
     weight_bytes,
 )
 from lsbench.scenario.costs import calibrate
 from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
-from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
+from lsbench.scenario.jobs import JobSpec, RunSpec, baseline_of, is_baseline
 from lsbench.scenario.quality import (
     first_mismatch,
     logit_gap,
@@ -90,6 +98,7 @@ class _Loaded:
     drafts: dict[str, tuple[LoadedModel, EarlyExitModel, FlopModel]]
     weights: dict[str, WeightModel] = field(default_factory=dict)  # "" is the target
     peak_gbps: float = math.nan  # the device's copy bandwidth, measured once per process
+    peak_gflops: float = math.nan  # its matmul rate in the weights' dtype, measured likewise
 
 
 def load_job_models(job: JobSpec, device_map: str | None = None) -> _Loaded:
@@ -112,7 +121,8 @@ def load_job_models(job: JobSpec, device_map: str | None = None) -> _Loaded:
     weights = {"": WeightModel.from_model(adapter),
                **{name: WeightModel.from_model(d[1]) for name, d in drafts.items()}}
     return _Loaded(target, adapter, FlopModel.from_config(target.model.config), drafts, weights,
-                   peak_gbps(str(adapter.device)))
+                   peak_gbps(str(adapter.device)),
+                   peak_gflops(str(adapter.device), adapter.dtype))
 
 
 def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -157,6 +167,51 @@ def _generate(loaded: _Loaded, run: RunSpec, prompt: list[int], cfg: DecodingCon
     draft = loaded.drafts[run.draft_model][1] if run.draft_model else None
     return generate(run.strategy, loaded.adapter, prompt, cfg, k=run.num_speculations or 4,
                     exit_layer=run.exit_layer or None, draft=draft)
+
+
+def _generate_batch(loaded: _Loaded, run: RunSpec, prompts: list[list[int]],
+                    cfg: DecodingConfig) -> BatchGeneration:
+    """One batch of one run. Batch size 1 keeps the batch-1 engine (`generate`), so its rows
+    are exactly what they were before batching existed."""
+    if run.batch_size == 1:
+        gens = [_generate(loaded, run, p, cfg) for p in prompts]
+        return BatchGeneration(gens, sum(g.prefill_s for g in gens),
+                               sum(g.decode_s for g in gens))
+    if run.strategy == "hf-ar":
+        return generate_hf_batch(loaded.adapter, prompts, cfg)
+    if run.strategy not in BATCHED_STRATEGIES:  # jobs.batched refuses these earlier
+        raise LsbenchError(f"{run.strategy} cannot run at batch size {run.batch_size}: "
+                           "transformers' assisted generation is batch 1 only")
+    draft = loaded.drafts[run.draft_model][1] if run.draft_model else None
+    return generate_batch(run.strategy, loaded.adapter, prompts, cfg,
+                          k=run.num_speculations or 4, exit_layer=run.exit_layer or None,
+                          draft=draft)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """B consecutive examples of the selection decoded together. Batch ids count per batch
+    size from 0; at batch size 1 the batch id is the example index. The last batch of a
+    size holds what is left (fewer than B examples when B does not divide the selection)."""
+
+    size: int
+    batch_id: int
+    examples: tuple[int, ...]  # example indices
+
+
+def job_batches(job: JobSpec, num_examples: int) -> list[Batch]:
+    """Every batch of the job: batch size by batch size (ascending), batch id by batch id."""
+    sizes = sorted({r.batch_size for r in job.runs})
+    return [Batch(b, j, tuple(range(start, min(start + b, num_examples))))
+            for b in sizes for j, start in enumerate(range(0, num_examples, b))]
+
+
+def _as_batch(unit: Batch | int) -> Batch:
+    return unit if isinstance(unit, Batch) else Batch(1, unit, (unit,))
+
+
+def batch_runs(job: JobSpec, size: int) -> list[RunSpec]:
+    return [r for r in job.runs if r.batch_size == size]
 
 
 # --- the agreed runner interface (one process measures whole units) -------------------------
@@ -207,69 +262,120 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
     warm_cfg = DecodingConfig(**{**cfg.__dict__,
                                  "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
     for run in dict.fromkeys(runs):
+        # A batched run warms up on a whole batch: its kernels see the batch's shapes.
+        prompts = [p.ids for p in prepared.prompts[:run.batch_size]]
         for _ in range(prepared.job.warmup):
             if on_run is not None:
                 on_run(run)
-            _generate(prepared.loaded, run, prepared.prompts[0].ids, warm_cfg)
+            _generate_batch(prepared.loaded, run, prompts, warm_cfg)
 
 
 def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
-                  ) -> list[tuple[int, int]]:
-    """(example_index, repeat) of every unit with a run not stored yet, repeat-major."""
-    run_ids = [job.run_id(r) for r in job.runs]
-    return [(i, rep) for rep in range(job.repeats) for i, ex in enumerate(example_ids)
-            if any((rid, ex, rep) not in done for rid in run_ids)]
+                  ) -> list[tuple[Batch, int]]:
+    """(batch, repeat) of every unit with a row not stored yet: repeat-major, then batch size
+    ascending (batch-1 outputs exist before the larger batches compare with them)."""
+    units = []
+    for rep in range(job.repeats):
+        for batch in job_batches(job, len(example_ids)):
+            run_ids = [job.run_id(r) for r in batch_runs(job, batch.size)]
+            if any((rid, example_ids[i], rep) not in done for rid in run_ids
+                   for i in batch.examples):
+                units.append((batch, rep))
+    return units
 
 
-def unit_order(job: JobSpec, example_index: int, repeat: int) -> list[RunSpec]:
-    """All runs of a unit, baselines included, in an order shuffled by a generator seeded with
-    (job seed, example index, repeat): reproducible, and no run always goes first."""
-    rng = np.random.default_rng([job.decoding.seed, example_index, repeat])
-    return [job.runs[i] for i in rng.permutation(len(job.runs))]
+def unit_order(job: JobSpec, unit: Batch | int, repeat: int) -> list[RunSpec]:
+    """All runs of a unit at its batch size, baselines included, in an order shuffled by a
+    generator seeded with (job seed, example index, repeat) at batch size 1, (job seed, batch
+    id, repeat, batch size) above: reproducible, and no run always goes first."""
+    batch = _as_batch(unit)
+    runs = batch_runs(job, batch.size)
+    seed = [job.decoding.seed, batch.batch_id, repeat] + [batch.size] * (batch.size != 1)
+    rng = np.random.default_rng(seed)
+    return [runs[i] for i in rng.permutation(len(runs))]
 
 
-def measure_unit(prepared: PreparedJob, example_index: int, repeat: int,
+def measure_unit(prepared: PreparedJob, unit: Batch | int, repeat: int,
                  done: set[tuple[str, str, int]], stored_baselines: dict,
                  on_run: Callable[[RunSpec], None] | None = None) -> Iterator[dict]:
-    """Measure every pending run of one (example, repeat) in the unit's shuffled order, then
-    yield one row per measured run. Rows are yielded once the whole unit is measured: the
+    """Measure every pending run of one (batch, repeat) in the unit's shuffled order, each
+    over the whole batch, then yield one row per (run, example). `unit` is a `Batch` or, at
+    batch size 1, an example index. Rows are yielded once the whole unit is measured: the
     baselines that speedup and losslessness are taken against must exist first (a kill loses
-    at most the unit in flight). A baseline already stored (`stored_baselines`, keyed by
-    (run_id, example_id, repeat)) is used only when it was measured in this environment."""
+    at most the unit in flight, never part of a batch). A baseline already stored
+    (`stored_baselines`, keyed by (run_id, example_id, repeat)) is used only when it was
+    measured in this environment on the same batch composition.
+
+    Rows of a baseline at batch size B > 1 (speedup 1 on themselves) take their losslessness
+    columns against the batch-1 baseline of the same example and repeat where one is stored or
+    was measured earlier in this process: batching changes kernels and may flip near-ties."""
     job, loaded = prepared.job, prepared.loaded
-    ex, prompt = prepared.examples[example_index], prepared.prompts[example_index]
-    order = unit_order(job, example_index, repeat)
-    measured: dict[RunSpec, tuple[int, Generation, int | None]] = {}
+    batch = _as_batch(unit)
+    ids = [prepared.examples[i].example_id for i in batch.examples]
+    prompts = [prepared.prompts[i].ids for i in batch.examples]
+    order = unit_order(job, batch, repeat)
+    measured: dict[RunSpec, tuple[int, BatchGeneration, int | None]] = {}
     for position, run in enumerate(order):
-        if (job.run_id(run), ex.example_id, repeat) in done:
+        rid = job.run_id(run)
+        if all((rid, ex, repeat) in done for ex in ids):
             continue
         before = start_memory_window(loaded.adapter.device)
-        gen = _generate(loaded, run, prompt.ids, prepared.cfg)
-        measured[run] = (position, gen, peak_memory_delta(loaded.adapter.device, before))
+        bgen = _generate_batch(loaded, run, prompts, prepared.cfg)
+        measured[run] = (position, bgen, peak_memory_delta(loaded.adapter.device, before))
         if on_run is not None:
             on_run(run)
-    baselines = {}
-    for base in {baseline_of(run) for run in measured}:
+
+    def baseline(base: RunSpec, row: int) -> dict | None:
         if base in measured:
-            gen = measured[base][1]
-            baselines[base] = {"ms_per_token": _ms_per_token(gen), "output_ids": gen.tokens}
-        else:
-            stored = stored_baselines.get((job.run_id(base), ex.example_id, repeat))
-            if stored is not None and _same_environment(stored, prepared.env):
-                baselines[base] = stored
-    for run, (position, gen, mem_delta) in measured.items():
-        yield _row(prepared, run, example_index, repeat, position, gen, mem_delta,
-                   baselines.get(baseline_of(run)))
+            gen = measured[base][1].rows[row]
+            return {"ms_per_token": _ms_per_token(gen), "output_ids": gen.tokens}
+        stored = stored_baselines.get((job.run_id(base), ids[row], repeat))
+        same_batch = base.batch_size == 1 or (stored is not None and (
+            stored.get("batch_id") == batch.batch_id
+            and stored.get("batch_examples") == frozenset(ids)))
+        if stored is not None and same_batch and _same_environment(stored, prepared.env):
+            return stored
+        return None
+
+    for run, (position, bgen, mem_delta) in measured.items():
+        rid = job.run_id(run)
+        costs = _batch_costs(loaded, run, bgen)
+        for j, gen in enumerate(bgen.rows):
+            if (rid, ids[j], repeat) in done:
+                # Stored from a batch of another composition (a raised --limit grew the last
+                # batch): kept as it was, never duplicated.
+                continue
+            base = baseline(baseline_of(run), j)
+            reference = base
+            if is_baseline(run) and run.batch_size != 1:
+                reference = baseline(dataclasses.replace(run, batch_size=1), j)
+            yield _row(prepared, run, batch.examples[j], repeat, position, gen, mem_delta,
+                       base, reference=reference, batch=(batch, bgen), cost=costs[j])
 
 
 def stored_baselines(job: JobSpec, df: pd.DataFrame) -> dict[tuple[str, str, int], dict]:
-    """Baseline rows of this job already in the results file (resume), with their environment."""
-    ids = {job.run_id(r) for r in job.runs if r in BASELINES}
-    df = df[df.run_id.isin(ids)]
+    """Baseline rows of this job already in the results file (resume), with their environment
+    and their batch (id and examples); batch-1 baselines also for jobs that measure only
+    larger batches (the losslessness reference of a batched baseline)."""
+    runs = [r for r in job.runs if is_baseline(r)]
+    ids = {job.run_id(r) for r in runs} | {
+        job.run_id(dataclasses.replace(r, batch_size=1)) for r in runs}
+    return baseline_entries(df[df.run_id.isin(ids)].to_dict("records"))
+
+
+def baseline_entries(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """What a later unit needs of baseline rows: keyed by (run_id, example_id, repeat)."""
+    members: dict[tuple, set] = {}
+    for r in rows:
+        members.setdefault((r["run_id"], r.get("batch_id"), int(r["repeat"])),
+                           set()).add(r["example_id"])
     return {(r["run_id"], r["example_id"], int(r["repeat"])):
             {"ms_per_token": r["ms_per_token"], "output_ids": list(r["output_ids"]),
-             **{k: r[k] for k in ENV_KEYS}}
-            for r in df.to_dict("records")}
+             "batch_id": r.get("batch_id"),
+             "batch_examples": frozenset(members[(r["run_id"], r.get("batch_id"),
+                                                  int(r["repeat"]))]),
+             **{k: r.get(k) for k in ENV_KEYS}}
+            for r in rows if r.get("is_baseline", True)}
 
 
 def check_resume_environment(job: JobSpec, df: pd.DataFrame, prepared: PreparedJob,
@@ -320,6 +426,15 @@ def shard_examples(num_examples: int, shard: tuple[int, int] | None) -> list[int
     return list(range(index - 1, num_examples, count))
 
 
+def shard_batches(batches: list[Batch], shard: tuple[int, int] | None) -> list[Batch]:
+    """The batches of shard (i, n), 1-based: of every batch size, every n-th batch starting at
+    i-1; at batch size 1 exactly `shard_examples`. A batch is never split over shards."""
+    if shard is None:
+        return list(batches)
+    index, count = shard
+    return [b for b in batches if b.batch_id % count == index - 1]
+
+
 def check_resumable(store: ResultStore) -> None:
     """Refuse, in one line, to add rows to a file of an older schema version."""
     if store.schema_version < SCHEMA_VERSION:
@@ -359,11 +474,13 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
 
         done_keys = store.completed_keys()
         example_ids = [ex.example_id for ex in prepared.examples]
-        selected = set(shard_examples(len(example_ids), shard))
+        selected = shard_batches(job_batches(job, len(example_ids)), shard)
         units = [u for u in pending_units(job, example_ids, done_keys) if u[0] in selected]
-        total = job.repeats * len(selected) * len(job.runs)
-        pending = [(rep, ex, run) for i, rep in units for ex in [example_ids[i]]
-                   for run in job.runs if (job.run_id(run), ex, rep) not in done_keys]
+        total = job.repeats * sum(len(b.examples) * len(batch_runs(job, b.size))
+                                  for b in selected)
+        pending = [(rep, example_ids[i], run) for batch, rep in units for i in batch.examples
+                   for run in batch_runs(job, batch.size)
+                   if (job.run_id(run), example_ids[i], rep) not in done_keys]
         done = total - len(pending)
 
         # Warm-up: every pending configuration runs a few short generations before any timing.
@@ -371,17 +488,20 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
                 on_run=lambda run: emit(ProgressEvent("warmup", done, total, run.label)))
 
         baselines = stored_baselines(job, rows)
-        for i, rep in units:
-            what = f"example {i + 1}/{len(example_ids)}, repeat {rep + 1}"
+        for batch, rep in units:
+            what = (f"example {batch.batch_id + 1}/{len(example_ids)}" if batch.size == 1 else
+                    f"batch {batch.batch_id + 1} of {batch.size} examples") + f", repeat {rep + 1}"
 
-            def measured(run: RunSpec, what: str = what) -> None:
+            def measured(run: RunSpec, what: str = what, rows: int = len(batch.examples)
+                         ) -> None:
                 nonlocal done
-                done += 1
+                done += rows
                 emit(ProgressEvent("measure", done, total, f"{run.label} · {what}"))
 
             emit(ProgressEvent("measure", done, total, what))
-            store.append(list(measure_unit(prepared, i, rep, done_keys, baselines,
-                                           on_run=measured)))
+            new = list(measure_unit(prepared, batch, rep, done_keys, baselines, on_run=measured))
+            store.append(new)
+            baselines.update(baseline_entries(new))  # batch-1 references of later batches
         store.compact()
     emit(ProgressEvent("done", done, total, "done"))
     return JobOutcome(len(pending), total - len(pending))
@@ -426,20 +546,54 @@ def _losslessness(prepared: PreparedJob, prompt: Prompt, tokens: list[int],
     return {"first_mismatch": pos, "mismatch_margin": margin, "lossless_verdict": verdict}
 
 
+def _cost(loaded: _Loaded, run: RunSpec, gen: Generation) -> dict[str, float]:
+    draft = loaded.drafts[run.draft_model] if run.draft_model else None
+    draft_cost = (draft[2], loaded.weights[run.draft_model]) if draft else None
+    return generation_cost(gen, (loaded.flop_model, loaded.weights[""]), draft_cost,
+                           loaded.peak_gbps)
+
+
+def _batch_costs(loaded: _Loaded, run: RunSpec, bgen: BatchGeneration) -> list[dict]:
+    """Each row's cost columns with the batch dimension (`accounting.batch_costs`); a
+    batch-1 run's rows are each a batch of their own."""
+    costs = [_cost(loaded, run, g) for g in bgen.rows]
+    if run.batch_size == 1:
+        return [batch_costs([c], g.decode_s, loaded.peak_gbps, loaded.peak_gflops)[0]
+                for c, g in zip(costs, bgen.rows, strict=True)]
+    return batch_costs(costs, bgen.decode_s, loaded.peak_gbps, loaded.peak_gflops)
+
+
+def _batch_columns(run: RunSpec, batch: Batch, bgen: BatchGeneration, gen: Generation) -> dict:
+    """The batch a row was decoded in and the batch's wall times (a batch-1 row's own)."""
+    if run.batch_size == 1:  # each example of a batch-1 unit is a batch of its own
+        prefill_s, decode_s, tokens = gen.prefill_s, gen.decode_s, len(gen.tokens)
+    else:
+        prefill_s, decode_s, tokens = bgen.prefill_s, bgen.decode_s, bgen.new_tokens
+    return {"batch_size": run.batch_size, "batch_id": batch.batch_id,
+            "batch_prefill_s": prefill_s, "batch_decode_s": decode_s,
+            "batch_tokens_per_s": tokens / decode_s if decode_s > 0 else math.nan}
+
+
 def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position: int,
-         gen: Generation, mem_delta: int | None, baseline: dict | None) -> dict:
-    """One Parquet row: what ran (identity), what it emitted and how long it took, its rounds,
-    its cost (`accounting`), its quality (`quality`) and the environment."""
+         gen: Generation, mem_delta: int | None, baseline: dict | None, *,
+         reference: dict | None = None, batch: tuple[Batch, BatchGeneration] | None = None,
+         cost: dict | None = None) -> dict:
+    """One Parquet row: what ran (identity), what it emitted and how long it took, its batch,
+    its rounds, its cost (`accounting`), its quality (`quality`, against `reference`: the
+    baseline unless given) and the environment."""
     job, loaded = prepared.job, prepared.loaded
     ex, prompt = prepared.examples[index], prepared.prompts[index]
     target = loaded.target
     draft = loaded.drafts[run.draft_model] if run.draft_model else None
     text = target.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-    base_ids = baseline["output_ids"] if baseline else None
-    draft_cost = (draft[2], loaded.weights[run.draft_model]) if draft else None
+    reference = baseline if reference is None and not (
+        is_baseline(run) and run.batch_size != 1) else reference
+    base_ids = reference["output_ids"] if reference else None
+    if batch is None:
+        batch = (Batch(1, index, (index,)), BatchGeneration([gen], gen.prefill_s, gen.decode_s))
     return {
         "run_id": job.run_id(run), "sweep_name": job.name, "sweep_file": job.sweep_file,
-        "strategy": run.strategy, "is_baseline": run in BASELINES,
+        "strategy": run.strategy, "is_baseline": is_baseline(run),
         "model": job.model, "model_revision": target.revision or "",
         "model_num_layers": loaded.adapter.num_layers, "model_params": target.num_parameters,
         "draft_model": run.draft_model, "draft_num_layers": draft[1].num_layers if draft else 0,
@@ -455,9 +609,9 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "article_truncated": prompt.truncated, "lossy": run.strategy in LOSSY,
         "output_ids": gen.tokens, "output_text": text,
         **_timing_columns(gen, baseline),
+        **_batch_columns(run, *batch, gen),
         **_round_columns(gen, run, job.decoding),
-        **generation_cost(gen, (loaded.flop_model, loaded.weights[""]), draft_cost,
-                          loaded.peak_gbps),
+        **(cost if cost is not None else _batch_costs(loaded, run, batch[1])[0]),
         "weight_bytes": weight_bytes(target.model) + (weight_bytes(draft[0].model) if draft
                                                       else 0),
         "kv_cache_bytes": gen.kv_cache_bytes,
