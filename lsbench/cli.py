@@ -553,7 +553,9 @@ def report(
     results: Results,
     fmt: Annotated[str, typer.Option("--format", "-f", help="md or csv.")] = "md",
     table: Annotated[str, typer.Option(help="blog (the LayerSkip blog's table, correctly "
-                     "labelled), summary (every statistic per run) or sweep.")] = "blog",
+                     "labelled), summary (every statistic per run), sweep or batch "
+                     "(aggregate throughput and speedup per batch size, with the "
+                     "crossover).")] = "blog",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to FILE instead of "
                    "stdout.")] = None,
 ) -> None:
@@ -575,7 +577,8 @@ def report(
             text = render(scan_report.scan_table(df)) + "\n" + render(scan_report.policies(df))
             _write_report(text, out)
             return
-        builders = {"blog": rep.blog_table, "summary": rep.summarize, "sweep": rep.sweep_table}
+        builders = {"blog": rep.blog_table, "summary": rep.summarize, "sweep": rep.sweep_table,
+                    "batch": rep.batch_table}
         if table not in builders:
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
         if fmt not in ("md", "csv"):

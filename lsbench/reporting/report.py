@@ -26,7 +26,7 @@ GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculation
 CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
 MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s", "achieved_gbps",
-           "peak_gbps", "roofline_fraction"]
+           "peak_gbps", "roofline_fraction", "batch_tokens_per_s"]
 NONE = "—"
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
 BOOTSTRAP_SEED = 0
@@ -142,11 +142,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     rounds that drafted nothing do not count), rounds and rounds_without_draft (sums),
     mean_accepted_len, rougeL, agreement and match_rate (means), flops_prefill,
     flops_per_output_token, prefill_s, draft_s, achieved_gbps, peak_gbps and
-    roofline_fraction (medians); the speedup estimators
+    roofline_fraction and batch_tokens_per_s (medians); batch_size; the speedup estimators
     (`_speedup_estimates`): speedup_example_median with speedup_ci_low/high, time_ratio,
     n_examples; baseline_strategy; the losslessness verdict (worst of the rows) with near_ties
     and mismatches; and vs_transformers, lsbench's ms/token over transformers' for the same
-    configuration. Each model/dataset block starts with its baselines."""
+    configuration. Each model/dataset block, batch size by batch size, starts with its
+    baselines."""
     if df.empty:
         raise LsbenchError("no rows to summarize")
     keys = _group_keys(df)
@@ -158,12 +159,16 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     base = rows["baseline_strategy"] if "baseline_strategy" in rows else pd.Series(None,
                                                                                   index=rows.index)
     rows = rows.assign(baseline_strategy=base.fillna("ar"))
+    # Files of schema version 3 and older decoded one example at a time.
+    sizes = rows["batch_size"] if "batch_size" in rows else pd.Series(1, index=rows.index)
+    rows = rows.assign(batch_size=pd.to_numeric(sizes).fillna(1).astype("int64"))
     out = []
     for key, g in rows.groupby(keys, sort=False, dropna=False):
         rec = dict(zip(keys, key, strict=True))
         for col in CARRIED:
             rec[col] = g[col].iloc[0] if col in g.columns else pd.NA
         rec["is_baseline"] = bool(g["is_baseline"].astype("boolean").fillna(False).any())
+        rec["batch_size"] = int(g["batch_size"].iloc[0])
         rec["lossy"] = _lossy(g, rec["strategy"])
         rec["n"] = len(g)
         for col in SPREAD:
@@ -187,7 +192,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     summary = pd.DataFrame(out)
     summary["vs_transformers"] = _cross_engine(summary)
     order = [k for k in ("source_file", "model", "dataset") if k in keys]
-    order += ["_later", "strategy", "draft_model", "exit_layer", "num_speculations", "do_sample"]
+    order += ["batch_size", "_later", "strategy", "draft_model", "exit_layer",
+              "num_speculations", "do_sample"]
     summary["_later"] = ~summary["is_baseline"]
     summary = summary.sort_values(order, kind="stable").drop(columns="_later")
     return summary.reset_index(drop=True)
@@ -257,10 +263,10 @@ def no_draft_share(summary: pd.DataFrame) -> pd.Series:
 
 
 def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The end-of-sweep table: every run per model (baseline first, then each exit layer and k),
-    with `best` on the highest median speedup among the lossless non-baseline runs of each
-    model, and `best lossy` on the fastest lossy one (its quality is in ROUGE-L/agreement):
-    a lossy row never wins the lossless verdict."""
+    """The end-of-sweep table: every run per model and batch size (baseline first, then each
+    exit layer and k), with `best` on the highest median speedup among the lossless
+    non-baseline runs of each model at each batch size, and `best lossy` on the fastest lossy
+    one (its quality is in ROUGE-L/agreement): a lossy row never wins the lossless verdict."""
     s = summarize(df)
     table = pd.DataFrame({
         **_file_column(s),
@@ -270,7 +276,9 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
         "draft": _draft_labels(s),
         "exit layer": s["exit_layer"],
         "k": s["num_speculations"],
+        "batch": s["batch_size"],
         "tokens/s": s["tokens_per_s_median"],
+        "aggregate tokens/s": s["batch_tokens_per_s"],
         "baseline": s["baseline_strategy"],
         "speedup": s["speedup_example_median"],
         "speedup 95% CI": _ci_labels(s),
@@ -291,7 +299,7 @@ def sweep_table(df: pd.DataFrame) -> pd.DataFrame:
     })
     table["best"] = False
     table["best lossy"] = False
-    blocks = [k for k in ("source_file", "model", "dataset") if k in s.columns]
+    blocks = [k for k in ("source_file", "model", "dataset", "batch_size") if k in s.columns]
     candidates = s[~s["is_baseline"] & s["speedup_example_median"].notna()]
     for lossy, column in ((False, "best"), (True, "best lossy")):
         for _, g in candidates[candidates["lossy"] == lossy].groupby(blocks, sort=False):
@@ -350,6 +358,69 @@ def blog_table(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+# --- batch sizes ------------------------------------------------------------------------------
+
+SETTING = ["model", "dataset", "strategy", "draft_model", "exit_layer", "num_speculations",
+           "do_sample"]  # a configuration across batch sizes
+
+
+def _setting_keys(s: pd.DataFrame) -> list[str]:
+    return (["source_file"] if "source_file" in s.columns else []) + SETTING
+
+
+def batch_table(df: pd.DataFrame) -> pd.DataFrame:
+    """`report --table batch`: every setting at every batch size: aggregate throughput (all
+    rows' new tokens / batch decode time, median over the batches' rows), that throughput
+    against the same setting at batch 1 ("x batch 1"), the per-row median speedup on ar of the
+    same batches, and the lossless verdict; `crossover` names on each lossless setting's rows
+    the largest batch size at which it is still faster than its baseline (`crossovers`)."""
+    s = summarize(df)
+    keys = _setting_keys(s)
+    one = s[s["batch_size"] == 1].set_index(keys)["batch_tokens_per_s"]
+    at_one = [one.get(tuple(r), math.nan) if not one.index.has_duplicates else math.nan
+              for r in s[keys].itertuples(index=False, name=None)]
+    cross = {tuple(c[k] for k in keys): c["crossover"] for c in crossovers(df)}
+    return pd.DataFrame({
+        **_file_column(s),
+        "model": s["model"],
+        "dataset": s["dataset"],
+        "strategy": s["strategy"],
+        "draft": _draft_labels(s),
+        "exit layer": s["exit_layer"],
+        "k": s["num_speculations"],
+        "batch": s["batch_size"],
+        "aggregate tokens/s": s["batch_tokens_per_s"],
+        "x batch 1": s["batch_tokens_per_s"] / pd.Series(at_one, index=s.index),
+        "tokens/s": s["tokens_per_s_median"],
+        "baseline": s["baseline_strategy"],
+        "speedup": s["speedup_example_median"],
+        "speedup 95% CI": _ci_labels(s),
+        "n": s["n_examples"],
+        "lossless": s["verdict"],
+        "crossover": [cross.get(tuple(r), pd.NA)
+                      for r in s[keys].itertuples(index=False, name=None)],
+    })
+
+
+def crossovers(df: pd.DataFrame) -> list[dict]:
+    """Per lossless, non-baseline setting measured at more than one batch size: the largest
+    measured batch size at which its median speedup on its baseline is still above 1
+    (`crossover`, None when it is faster at none), and the batch sizes it was measured at."""
+    s = summarize(df)
+    s = s[~s["is_baseline"] & ~s["lossy"]]
+    out = []
+    for key, g in s.groupby(_setting_keys(s), sort=False, dropna=False):
+        if g["batch_size"].nunique() < 2:
+            continue
+        faster = g[g["speedup_example_median"] > 1]["batch_size"]
+        out.append({**dict(zip(_setting_keys(s), key, strict=True)),
+                    "draft": draft_label(g["strategy"].iloc[0], g["draft_model"].iloc[0],
+                                         g["exit_layer"].iloc[0]),
+                    "crossover": int(faster.max()) if len(faster) else None,
+                    "batch_sizes": sorted(int(b) for b in g["batch_size"])})
+    return out
+
+
 # --- rendering ------------------------------------------------------------------------------
 
 
@@ -374,7 +445,8 @@ def format_cell(column: str, value) -> str:
         return human_count(value)
     if isinstance(value, Integral):
         return str(value)
-    if "speedup" in name or "ratio" in name or "vs transformers" in name:
+    if ("speedup" in name or "ratio" in name or "vs transformers" in name
+            or name.startswith("x ")):
         return f"{value:.2f}x"
     if "roofline" in name:
         return f"{value:.1%}"

@@ -6,18 +6,22 @@ from __future__ import annotations
 import pandas as pd
 from rich.table import Table
 
-from lsbench.reporting.report import format_cell, sweep_table
+from lsbench.reporting.report import crossovers, format_cell, sweep_table
 
 
 def sweep_renderables(df: pd.DataFrame) -> list[Table | str]:
-    """The sweep table per (model, dataset) as rich tables, each followed by its verdict lines
-    (roofline, best lossless, best lossy) as plain strings."""
+    """The sweep table per (model, dataset, batch size) as rich tables, each followed by its
+    verdict lines (roofline, best lossless, best lossy) as plain strings; with several batch
+    sizes, then one crossover line per lossless setting (`crossover_lines`)."""
     table = sweep_table(df)
     items: list[Table | str] = []
-    for (model, dataset), rows in table.groupby(["model", "dataset"], sort=False):
-        t = Table(title=f"{model} on {dataset}: medians over examples, speedup vs the same "
-                        "engine's autoregressive decoding in the same process (95% CI over "
-                        "examples)", title_justify="left")
+    batched = table["batch"].nunique() > 1 or (table["batch"] != 1).any()
+    for (model, dataset, size), rows in table.groupby(["model", "dataset", "batch"],
+                                                      sort=False):
+        at = f" at batch size {size} (aggregate {_aggregate(rows)} tokens/s)" if batched else ""
+        t = Table(title=f"{model} on {dataset}{at}: medians over examples, speedup vs the "
+                        "same engine's autoregressive decoding in the same process (95% CI "
+                        "over examples)", title_justify="left")
         # Columns that only transformers' references (lsbench vs transformers), prompt lookup
         # (rounds without a match) or lossy rows (agreement with autoregressive decoding) fill
         # appear only with such rows.
@@ -73,7 +77,31 @@ def sweep_renderables(df: pd.DataFrame) -> list[Table | str]:
                          f"{format_cell('speedup', b['speedup'])} with {quality}, "
                          f"{format_cell('agreement', b['agreement'])} of positions agreeing with "
                          "autoregressive decoding (not lossless, not in the verdict above)")
-    return items
+    return items + crossover_lines(df)
+
+
+def _aggregate(rows: pd.DataFrame) -> str:
+    base = rows[rows["strategy"] == "ar"]
+    return format_cell("tokens/s", base["aggregate tokens/s"].iloc[0]) if len(base) else "—"
+
+
+def crossover_lines(df: pd.DataFrame) -> list[str]:
+    """One line per lossless setting measured at several batch sizes: the largest batch size
+    at which it is still faster than its baseline (the crossover), or that it never is."""
+    lines = []
+    for c in crossovers(df):
+        name = c["draft"] if c["draft"] != "—" else c["strategy"]
+        name = f"{name} (transformers)" if c["strategy"].startswith("hf-") else name
+        k = f", k={int(c['num_speculations'])}" if c["num_speculations"] else ""
+        sizes = ", ".join(str(b) for b in c["batch_sizes"])
+        if c["crossover"] is None:
+            lines.append(f"crossover: {name}{k} is slower than autoregressive decoding at "
+                         f"every measured batch size ({sizes})")
+        else:
+            lines.append(f"crossover: {name}{k} is faster than autoregressive decoding up to "
+                         f"batch size {c['crossover']} (largest measured faster; measured at "
+                         f"{sizes})")
+    return lines
 
 
 def run_name(row) -> str:
