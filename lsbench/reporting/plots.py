@@ -1,6 +1,8 @@
 """The blog's figures from result rows: throughput, speedup and acceptance against the exit
-layer, quality against speed per exit layer for the lossy early exit, and the draft options
-compared. Works on DataFrames only (no torch).
+layer, quality against speed per exit layer for the lossy early exit, the draft options
+compared, and speedup and aggregate throughput against the batch size. Works on DataFrames
+only (no torch). Figures against the exit layer or per draft option show the smallest batch
+size measured (batch 1 where it was); the batch-size figures show every one.
 
 Figures are built as plain `Figure` objects on the Agg canvas, never through pyplot, so that
 plotting touches no global backend state; `sweep_figures`/`compare_figures` return them for
@@ -196,11 +198,19 @@ def quality_speed_figure(summary: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def _smallest_batch(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["batch_size"] == summary["batch_size"].min()]
+
+
 def sweep_figures(df: pd.DataFrame) -> dict[str, Figure]:
-    """File stem -> figure; empty when there are no early-exit runs to plot."""
-    summary = summarize(df)
+    """File stem -> figure; empty when there are no early-exit runs to plot. With several
+    batch sizes, the batch-size figures too (`batch_figures`)."""
+    full = summarize(df)
+    summary = _smallest_batch(full)
+    extra_batch = batch_figures(full)
     quality = quality_speed_figure(summary)
     extra = {"quality_speed_vs_exit_layer": quality} if quality is not None else {}
+    extra.update(extra_batch)
     panels = [(t, r) for t, r in _panels(summary) if r["strategy"].isin(EARLY_EXIT).any()]
     if not panels:
         return extra
@@ -303,10 +313,60 @@ def _params_figure(summary: pd.DataFrame) -> Figure | None:
 
 def compare_figures(df: pd.DataFrame) -> dict[str, Figure]:
     """File stem -> figure for the draft-option comparison; a figure without data is left out."""
-    summary = summarize(df)
+    summary = _smallest_batch(summarize(df))
     figures = {"speedup_by_draft": _speedup_figure(summary),
                "tokens_per_s_vs_params": _params_figure(summary)}
     return {stem: fig for stem, fig in figures.items() if fig is not None}
+
+
+def _setting_label(row: pd.Series) -> str:
+    label = _option_label(row)
+    return "autoregressive" if label == "autoregressive" else label.replace(
+        "early exit @ layer ", "E=")
+
+
+# (summary column, y label, file stem, title) of the two batch-size figures
+BATCH = (
+    ("speedup_example_median", "speedup over autoregressive at the same batch (x)",
+     "speedup_vs_batch_size", "Speedup vs batch size (median over examples)"),
+    ("batch_tokens_per_s", "aggregate throughput (new tokens / batch decode s)",
+     "aggregate_tokens_per_s_vs_batch_size", "Aggregate throughput vs batch size (median)"),
+)
+
+
+def batch_figures(summary: pd.DataFrame) -> dict[str, Figure]:
+    """Speedup and aggregate throughput against the batch size: one line per strategy/E/k
+    (autoregressive included in the throughput figure, the 1.0x line marked in the speedup
+    figure); none unless several batch sizes were measured."""
+    if summary["batch_size"].nunique() < 2:
+        return {}
+    panels = _panels(summary)
+    figures = {}
+    for column, ylabel, stem, title in BATCH:
+        fig, axes = _figure(len(panels))
+        for ax, (panel, rows) in zip(axes, panels, strict=True):
+            if column.startswith("speedup"):
+                rows = rows[~rows["is_baseline"]]
+                ax.axhline(1.0, color="black", ls="--", lw=1, label="autoregressive (1.0x)")
+            keys = ["strategy", "draft_model", "exit_layer", "num_speculations", "do_sample"]
+            for i, (_, line) in enumerate(rows.groupby(keys, sort=False)):
+                line = line.sort_values("batch_size")
+                first = line.iloc[0]
+                ax.plot(line["batch_size"], line[column], marker="o",
+                        color="black" if first["is_baseline"] else f"C{i % 10}",
+                        ls="--" if first["lossy"] else "-", label=_setting_label(first))
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(sorted(summary["batch_size"].unique()))
+            ax.set_xlabel("batch size (examples decoded together)")
+            ax.set_title(panel, fontsize="medium")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        axes[0].set_ylabel(ylabel)
+        fig.suptitle(title)
+        figures[stem] = fig
+    return figures
 
 
 def _save(figures: dict[str, Figure], out_dir: str | Path, fmt: str) -> list[Path]:
