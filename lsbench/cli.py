@@ -324,6 +324,10 @@ def scan(
     = None,
     pld: Annotated[bool, typer.Option("--pld/--no-pld", help="Also replay prompt lookup "
                    "(strategy pld) at every k.")] = True,
+    batch_size: Annotated[str | None, typer.Option("--batch-size", help="Also predict the "
+                          "batch curve at these batch sizes (list like 1,4,16): layerskip "
+                          "and pld speedup on ar of the same batch, and the crossover; "
+                          "--verify then times its points at each.")] = None,
     verify: Annotated[int, typer.Option(help="Then time the N best predicted points plus two "
                       "random ones with the sweep machinery (into results/<name>.parquet) "
                       "and print predicted against measured.")] = 0,
@@ -341,7 +345,8 @@ def scan(
     def body() -> None:
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
-            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup},
+            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup,
+            ("sweep", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
@@ -424,6 +429,9 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
     spec = scan_spec(settings, num_layers, drafts=drafts,
                      thresholds=_parse_thresholds(thresholds), pld=pld)
     path = out_path or Path("results") / f"{spec.job.name}.scan.parquet"
+    if ray_target is not None and spec.batch_sizes != (1,):
+        raise LsbenchError("--batch-size and --ray do not combine in a scan: the batch "
+                           "curve's unit costs are measured in one process")
     from lsbench.scenario.scan import trace_path
 
     for target in (path, trace_path(path)):
@@ -452,9 +460,32 @@ def _scan(settings, drafts: list[str], thresholds: str | None, verify: int,
     _print_frame(scan_report.policies(result.rows), "adaptive policies (predicted, over all "
                  "examples; regret against the per-example oracle)")
     _print_frame(scan_report.scan_table(result.rows, 10), "best predicted points")
+    if result.batch is not None:
+        _print_batch_curve(result.batch)
     if verify:
         _verify(spec, result.rows, verify, path, ray_target)
     return spec, result.rows, path
+
+
+def _print_batch_curve(batch) -> None:
+    """The predicted batch curve and, per setting, its predicted crossover."""
+    import pandas as pd
+
+    from lsbench.scenario.scan import batch_curve
+
+    curve = batch_curve(batch)
+    _print_frame(curve.rename(columns={"exit_layer": "exit layer", "num_speculations": "k",
+                                       "batch_size": "batch",
+                                       "predicted_speedup": "predicted speedup",
+                                       "predicted_crossover": "predicted crossover"}),
+                 "predicted speedup on ar of the same batch (median over rows)")
+    for (strategy, e, k), g in curve.groupby(["strategy", "exit_layer", "num_speculations"],
+                                             sort=False):
+        name = f"{strategy} E={e} k={k}" if strategy == "layerskip" else f"{strategy} k={k}"
+        cross = g["predicted_crossover"].iloc[0]
+        verdict = ("slower than ar at every batch size" if pd.isna(cross)
+                   else f"faster than ar up to batch size {cross}")
+        out.print(f"predicted crossover: {name} {verdict}", markup=False, highlight=False)
 
 
 def _verify(spec, rows, n: int, scan_path: Path, ray_target=None) -> None:

@@ -202,12 +202,32 @@ class CostTable:
         return (self.round + self.layers(self.num_layers, r.drafted + 1) + self.step
                 + self.verify_head_with_bonus(r))
 
-    def decode_seconds(self, rep: Replay, strategy: str, exit_layer: int = 0) -> float:
+    def round_seconds(self, r: Round, strategy: str, exit_layer: int = 0) -> float:
         if strategy == "pld":
-            return sum(self.pld_round(r) for r in rep.rounds)
+            return self.pld_round(r)
         if strategy == "spec":
-            return sum(self.spec_round(r) for r in rep.rounds)
-        return sum(self.layerskip_round(r, exit_layer) for r in rep.rounds)
+            return self.spec_round(r)
+        return self.layerskip_round(r, exit_layer)
+
+    def decode_seconds(self, rep: Replay, strategy: str, exit_layer: int = 0) -> float:
+        return sum(self.round_seconds(r, strategy, exit_layer) for r in rep.rounds)
+
+    def batch_decode_seconds(self, reps: list[Replay], strategy: str,
+                             exit_layer: int = 0) -> list[float]:
+        """Per row of a static batch priced with this table's units measured over the
+        batch's rows: each row's rounds are its batch-1 rounds (greedy, per-row lengths), the
+        rows run round i together, and a batched round costs what its costliest active row's
+        round costs (every unit call is as wide as its widest row). A row's seconds end with
+        its last round; the batch's are its slowest row's. `strategy` "ar": one step a token."""
+        if strategy == "ar":
+            return [r.decode_tokens * self.ar_step() for r in reps]
+        longest = max((len(r.rounds) for r in reps), default=0)
+        ends, t = [], 0.0
+        for i in range(longest):
+            t += max(self.round_seconds(r.rounds[i], strategy, exit_layer)
+                     for r in reps if i < len(r.rounds))
+            ends.append(t)
+        return [ends[len(r.rounds) - 1] if r.rounds else 0.0 for r in reps]
 
     def with_overheads(self, *, step: float | None = None,
                        round: float | None = None) -> CostTable:
@@ -231,13 +251,15 @@ def _timer(device: torch.device, repeats: int):
 
 @torch.inference_mode()
 def measure_cost_table(model: EarlyExitModel, context: list[int], max_tokens: int,
-                       draft: EarlyExitModel | None = None, repeats: int = 7) -> CostTable:
+                       draft: EarlyExitModel | None = None, repeats: int = 7,
+                       batch: int = 1) -> CostTable:
     """Median unit times against caches holding `context` (use prompt + part of the output,
-    the context decoding actually sees), for calls of 1..max_tokens tokens."""
+    the context decoding actually sees), for calls of 1..max_tokens tokens; with `batch` B,
+    of calls over B rows of that context (a batch's forward over B rows x n tokens)."""
     timed = _timer(model.device, repeats)
     L = model.num_layers
     cache = model.new_cache()
-    ids = torch.tensor([context], device=model.device)
+    ids = torch.tensor([context] * batch, device=model.device)
     model.run_layers(model.embed(ids), cache, 0, L)
     counts = model.counts.copy()
 
@@ -255,7 +277,7 @@ def measure_cost_table(model: EarlyExitModel, context: list[int], max_tokens: in
     layer = tuple(max(t - call, 0.0) / L for t in totals)
 
     def head(n: int) -> float:
-        hidden = torch.randn(1, n, model.config.hidden_size, device=model.device,
+        hidden = torch.randn(batch, n, model.config.hidden_size, device=model.device,
                              dtype=model.dtype)
         return timed(lambda: model.logits(hidden), lambda: None)
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
+from lsbench.engine.batch import BATCHED_STRATEGIES
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
@@ -39,7 +40,15 @@ from lsbench.results.scan_schema import (
 )
 from lsbench.scenario.costs import CostTable, measure_cost_table, with_draft_costs
 from lsbench.scenario.data import build_prompt, load_examples
-from lsbench.scenario.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
+from lsbench.scenario.jobs import (
+    BASELINE,
+    JobSpec,
+    Settings,
+    base_job,
+    batch_sizes,
+    batched,
+    parse_int_list,
+)
 from lsbench.scenario.replay import Replay, replay, replay_pld
 from lsbench.scenario.runner import (
     ProgressEvent,
@@ -75,6 +84,7 @@ class ScanSpec:
     drafts: tuple[str, ...] = ()
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     pld: bool = True  # prompt-lookup rows (exact from x alone: no trace, no draft model)
+    batch_sizes: tuple[int, ...] = (1,)  # the batch curve's sizes (`predict_batches`)
 
     @property
     def points(self) -> int:
@@ -101,7 +111,7 @@ def scan_spec(s: Settings, num_layers: int, *, drafts: Sequence[str] = (),
     if not s.get("", "name") and not s.source:
         job = dataclasses.replace(job, name="scan")
     return ScanSpec(job, tuple(layers), tuple(ks), tuple(dict.fromkeys(drafts)),
-                    tuple(sorted(set(thresholds))), pld)
+                    tuple(sorted(set(thresholds))), pld, tuple(batch_sizes(s, "sweep")))
 
 
 # --- the teacher-forced pass ------------------------------------------------------------------
@@ -266,6 +276,83 @@ def fit_round_overhead(costs: CostTable, gen: Generation, rep: Replay,
 class ScanResult:
     rows: pd.DataFrame
     traces: pd.DataFrame
+    batch: pd.DataFrame | None = None  # `predict_batches`' rows, with --batch-size
+
+
+# --- the batch curve --------------------------------------------------------------------------
+
+BATCH_POINTS = ("layerskip", "pld")  # priced at batch B: a draft model's units at B are not
+
+
+def batch_points(spec: ScanSpec) -> list[Point]:
+    points = [Point("layerskip", k, e) for k in spec.ks for e in spec.exit_layers]
+    return points + ([Point("pld", k) for k in spec.ks] if spec.pld else [])
+
+
+def _example_traces(trace_rows: pd.DataFrame) -> dict[int, tuple[list[int], list[TokenTrace]]]:
+    """Per example index: its output and its exit traces (entry E-1: exit layer E), as the
+    scan's trace rows hold them."""
+    out = {}
+    for i, g in trace_rows[trace_rows["source"] == "exit"].groupby("example_index"):
+        g = g.sort_values("exit_layer")
+        out[int(i)] = (list(g["output_ids"].iloc[0]), [
+            TokenTrace(np.asarray(r["argmax"], dtype=np.int64),
+                       np.asarray(r["prob"], dtype=np.float32),
+                       np.asarray(r["margin"], dtype=np.float32)) for _, r in g.iterrows()])
+    return out
+
+
+def predict_batches(points: Sequence[Point], examples: dict[int, tuple[list[int], list]],
+                    prompts: dict[int, Sequence[int]], tables: dict[int, CostTable],
+                    cfg: DecodingConfig, example_ids: dict[int, str] | None = None) -> pd.DataFrame:
+    """The batch curve: per batch size B (`tables[B]`: unit costs over B rows), per batch of B
+    consecutive examples (the runner's batches), per point, each row's predicted speedup on
+    `ar` of the same batch. Under greedy decoding with per-row lengths each row's rounds in a
+    batch are exactly its batch-1 rounds, so the replay of each example fixes them; the batch
+    prices round i at its costliest row's (`CostTable.batch_decode_seconds`) and runs until its
+    slowest row ends. `predicted_batch_speedup` is the batch's: ar's batch time over the
+    point's."""
+    order = sorted(examples)
+    rows = []
+    for size, table in sorted(tables.items()):
+        for batch_id, start in enumerate(range(0, len(order), size)):
+            members = order[start:start + size]
+            outs = [examples[i][0] for i in members]
+            for p in points:
+                reps = [replay_point(p, out, examples[i][1], {}, cfg, prompts[i])
+                        for i, out in zip(members, outs, strict=True)]
+                ar = table.batch_decode_seconds(reps, "ar")
+                mine = table.batch_decode_seconds(reps, p.strategy, p.exit_layer)
+                whole = max(ar) / max(mine) if max(mine) > 0 else math.nan
+                for i, a, m in zip(members, ar, mine, strict=True):
+                    rows.append({"example_index": i,
+                                 "example_id": (example_ids or {}).get(i, str(i)),
+                                 "batch_size": size, "batch_id": batch_id,
+                                 "strategy": p.strategy, "exit_layer": p.exit_layer,
+                                 "num_speculations": p.k,
+                                 "predicted_speedup": a / m if m > 0 else math.nan,
+                                 "predicted_batch_speedup": whole})
+    return pd.DataFrame(rows)
+
+
+def batch_curve(batch: pd.DataFrame) -> pd.DataFrame:
+    """Median predicted speedup per (strategy, E, k, B), and per setting the predicted
+    crossover: the largest batch size whose median is above 1 (NA when none)."""
+    keys = ["strategy", "exit_layer", "num_speculations"]
+    curve = (batch.groupby([*keys, "batch_size"], sort=True)["predicted_speedup"].median()
+             .reset_index())
+    faster = curve[curve["predicted_speedup"] > 1].groupby(keys)["batch_size"].max()
+    return curve.assign(predicted_crossover=[
+        faster.get(tuple(r), pd.NA) for r in curve[keys].itertuples(index=False, name=None)])
+
+
+def measure_batch_tables(session: ScanSession, context: list[int], step: float,
+                         round_overhead: float) -> dict[int, CostTable]:
+    """Unit costs over B rows x 1..K+1 tokens, fitted once per batch size on one context; the
+    loop overheads (per token fed, per round) are batch 1's."""
+    k = max(session.spec.ks) + 1
+    return {b: measure_cost_table(session.model, context, k, batch=b).with_overheads(
+        step=step, round=round_overhead) for b in session.spec.batch_sizes}
 
 
 @dataclass(frozen=True)
@@ -411,7 +498,20 @@ def run_scan(spec: ScanSpec, on_progress: Callable[[ProgressEvent], None] | None
         rows += r
         trace_rows += t
         emit(ProgressEvent("measure", i + 1, n, f"example {i + 1}/{n}"))
-    return scan_result(rows, trace_rows)
+    result = scan_result(rows, trace_rows)
+    if spec.batch_sizes == (1,):
+        return result
+    emit(ProgressEvent("measure", n, n, "unit costs at batch sizes "
+                       + ",".join(map(str, spec.batch_sizes))))
+    first = json.loads(result.rows["cost_table"].iloc[0])
+    out0 = list(result.traces["output_ids"].iloc[0])
+    context = [*session.prompts[0].ids, *out0[: len(out0) // 2]]
+    tables = measure_batch_tables(session, context, first["step"], first["round"])
+    batch = predict_batches(batch_points(spec), _example_traces(result.traces),
+                            {i: p.ids for i, p in enumerate(session.prompts)}, tables,
+                            session.cfg,
+                            {i: ex.example_id for i, ex in enumerate(session.examples)})
+    return dataclasses.replace(result, batch=batch)
 
 
 def _trace_lists(t: TokenTrace) -> dict:
@@ -463,4 +563,10 @@ def verify_job(spec: ScanSpec, points: pd.DataFrame) -> JobSpec:
 
     runs = [RunSpec(str(p["strategy"]), int(p["exit_layer"]), int(p["num_speculations"]),
                     str(p["draft_model"])) for _, p in points.iterrows()]
-    return dataclasses.replace(spec.job, runs=(BASELINE, *dict.fromkeys(runs)))
+    runs = [BASELINE, *dict.fromkeys(runs)]
+    # With --batch-size: the points the batched engine decodes at every batch size (each size
+    # with its own ar), the others at batch 1.
+    sizes = list(spec.batch_sizes)
+    ones = [r for r in runs if r.strategy not in BATCHED_STRATEGIES] if sizes != [1] else []
+    return dataclasses.replace(spec.job, runs=tuple(
+        batched([r for r in runs if r not in ones], sizes) + ones))
