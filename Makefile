@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lsbench-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint sweep bench-engine bench-scan bench-store bench-cluster qwen-pair ab gpu-check gpu-bundle clean
+.PHONY: setup test lint sweep bench-engine bench-scan bench-batch bench-store bench-cluster qwen-pair ab gpu-check gpu-bundle clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ bench-engine: setup
 # tokens against timing 3 sweep points the ordinary way; predicted vs measured speedup.
 bench-scan: setup
 	$(BIN)/python -m lsbench.benchmarks.scanbench
+
+# Speedup against the batch size (static batching): SmolLM2 on 16 lee-news examples x 48 tokens
+# at B = 1, 2, 4, 8, 16, ar / pld k=4 / layerskip E=28 k=4, measured and predicted by the scan,
+# and each setting's crossover. Another model: make bench-batch BENCH_BATCH_ARGS="--model DIR".
+bench-batch: setup
+	$(BIN)/python -m lsbench.benchmarks.bench_batch $(BENCH_BATCH_ARGS)
 
 # Cost of storing one result row at 1,000 .. 50,000 rows (one line per size); ~3 min.
 bench-store: setup
