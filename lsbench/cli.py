@@ -102,7 +102,8 @@ Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N 
 DeviceMap = Annotated[str | None, typer.Option(help="Spread target and draft over devices "
                       "(accelerate): auto, balanced or FILE.json (module name -> device).")]
 Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
-                  "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
+                  "example, or batch with --batch-size), into <out>.shard-I-of-N.parquet; "
+                  "combine with lsbench merge.")]
 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, model, dataset,

@@ -252,3 +252,30 @@ def test_hf_ar_batched_in_a_job(tiny_model_dir: Path, data_file: Path, tmp_path:
     hf2 = df[(df.strategy == "hf-ar") & (df.batch_size == 2)]
     assert len(hf2) == 3 and hf2.matches_baseline.all()  # vs batch-1 hf-ar
     assert (hf2.speedup == 1.0).all() and (hf2.baseline_strategy == "hf-ar").all()
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_sweep_and_compare_take_batch_size(tiny_model_dir: Path, data_file: Path,
+                                           tmp_path: Path) -> None:
+    from tests.test_cli import assert_refused, invoke, sweep_args
+
+    out = tmp_path / "s.parquet"
+    result = invoke(*sweep_args(tiny_model_dir, data_file, out, "--batch-size", "1,2"))
+    assert result.exit_code == 0, result.output
+    df = pd.read_parquet(out)
+    assert sorted(df.batch_size.unique()) == [1, 2] and len(df) == 2 * 3 * 2
+    text = " ".join(result.stdout.split())  # the table titles wrap at the terminal's width
+    assert "at batch size 1 (aggregate" in text and "at batch size 2 (aggregate" in text
+    assert sum(line.startswith("crossover: ") for line in result.stdout.splitlines()) == 2
+    report = invoke("report", out, "--table", "batch", "--format", "csv")
+    header = report.stdout.splitlines()[0]
+    assert report.exit_code == 0 and header.startswith("file,model,dataset,strategy")
+    assert ",batch,aggregate tokens/s,x batch 1," in header and header.endswith(",crossover")
+    assert_refused(invoke("compare", "--model", tiny_model_dir, "--dataset", f"jsonl:{data_file}",
+                          "--early-exit", 2, "--hf-reference", "--batch-size", "1,2",
+                          "--out", tmp_path / "c.parquet"),
+                   "hf-early-exit cannot run at batch size 2",
+                   "transformers' assisted generation is batch 1 only")
+    assert_refused(invoke(*sweep_args(tiny_model_dir, data_file, tmp_path / "x.parquet",
+                                      "--batch-size", "0")), "batch sizes must be >= 1")

@@ -1,9 +1,11 @@
 """Sharding a job without Ray (Slurm arrays, plain loops): `--shard I/N` picks a deterministic
 slice of the units, `lsbench merge` combines the shard files.
 
-A unit is one example with all of its runs and repeats, so every speedup in a shard is taken
-against a baseline measured in the same process on the same device. Shard I of N takes the
-examples at positions I-1, I-1+N, I-1+2N, ... of the job's selection.
+A unit is one example (with --batch-size, one batch of B consecutive examples) with all of
+its runs and repeats, so every speedup in a shard is taken against a baseline measured in the
+same process on the same device, on the same batch. Shard I of N takes the examples at
+positions I-1, I-1+N, I-1+2N, ... of the job's selection; at each batch size B > 1 the batches
+with those ids (`runner.shard_batches`): a batch is never split over shards.
 """
 
 from __future__ import annotations
