@@ -66,6 +66,22 @@ def test_sweep_on_local_ray_matches_one_process(cluster, tiny_model_dir: Path, d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet", "two.parquet"]
 
 
+def test_ray_hands_out_whole_batches(cluster, tiny_model_dir: Path, data_file: Path,
+                                     tmp_path: Path) -> None:
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    args = ("--limit", 3, "--batch-size", "2")
+    assert invoke(*sweep_args(tiny_model_dir, data_file, one, *args)).exit_code == 0
+    result = invoke(*sweep_args(tiny_model_dir, data_file, two, *args, "--ray", "local:2"))
+    assert result.exit_code == 0, result.output
+    a, b = pd.read_parquet(one), pd.read_parquet(two)
+    assert len(b) == len(a) == 9 and not b.duplicated(KEY).any()
+    assert set(map(tuple, b[KEY].values)) == set(map(tuple, a[KEY].values))
+    assert (b.batch_size == 2).all() and (b.batch_id == b.example_index // 2).all()
+    assert b.groupby("batch_id").worker.nunique().max() == 1  # a batch stays on one worker
+    merged = a.merge(b, on=KEY)
+    assert (merged.output_ids_x.map(list) == merged.output_ids_y.map(list)).all()
+
+
 def test_a_killed_worker_s_unit_runs_again_elsewhere(cluster, tiny_model_dir: Path,
                                                      data_file: Path, tmp_path: Path) -> None:
     job = sweep_job(job_settings(tiny_model_dir, data_file, data__limit=4,
