@@ -503,8 +503,16 @@ def _verify(spec, rows, n: int, scan_path: Path, ray_target=None) -> None:
     _run_job_with_progress(job, ResultStore(results_path), "verify", ray_target)
     measured = ResultStore(results_path).rows()
     measured = measured[measured.run_id.isin({job.run_id(r) for r in job.runs})]
-    _print_frame(scan_report.predicted_vs_measured(rows, measured, points),
-                 f"predicted vs measured ({escape(str(results_path))})")
+    one = {job.run_id(r) for r in job.runs if r.batch_size == 1}
+    if one:  # the scan's own predictions are batch 1's
+        _print_frame(scan_report.predicted_vs_measured(rows, measured[measured.run_id.isin(one)],
+                                                       points),
+                     f"predicted vs measured ({escape(str(results_path))})")
+    if len(one) < len(job.runs):  # with --batch-size: measured at every batch size
+        from lsbench.reporting.report import batch_table
+
+        _print_frame(batch_table(measured), "measured at every batch size (compare with the "
+                     "predicted batch curve above)")
 
 
 def _run_job_with_progress(job, store, title: str, ray_target=None) -> None:

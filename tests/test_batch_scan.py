@@ -92,9 +92,14 @@ def test_scan_batch_size_prints_the_curve_and_its_crossover(tiny_model_dir: Path
     data = write_jsonl(tmp_path / "a.jsonl")
     result = invoke("scan", "--model", tiny_model_dir, "--dataset", f"jsonl:{data}",
                     "--limit", 3, "-e", "2", "-k", "2", "--max-new-tokens", 8, "--warmup", 0,
-                    "--batch-size", "1,2", "--out", tmp_path / "s.scan.parquet")
+                    "--batch-size", "1,2", "--verify", 1, "--out", tmp_path / "s.scan.parquet")
     assert result.exit_code == 0, result.output
     assert "predicted speedup on ar of the same batch" in result.stdout
     lines = [x for x in result.stdout.splitlines() if x.startswith("predicted crossover:")]
     assert len(lines) == 2 and lines[0].startswith("predicted crossover: layerskip E=2 k=2 ")
     assert lines[1].startswith("predicted crossover: pld k=2 ")
+    # --verify times its points at every batch size, each with its own ar
+    assert "measured at every batch size" in result.stdout
+    verified = pd.read_parquet(tmp_path / "s.parquet")
+    assert set(verified.batch_size) == {1, 2}
+    assert set(verified[verified.batch_size == 2].strategy) >= {"ar"}
