@@ -74,16 +74,16 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
+     "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
+    ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
+     "design (exit); never part of a lossless verdict"),
     ("batch_prefill_s", pa.float64(), "seconds the row's batch took up to every row's first "
      "new token (prefill_s at batch size 1)"),
     ("batch_decode_s", pa.float64(), "seconds from the batch's first new tokens until its last "
      "row finished (decode_s at batch size 1); a row's own decode_s ends at its last token"),
     ("batch_tokens_per_s", pa.float64(), "aggregate throughput of the row's batch: all its "
      "rows' new_tokens / batch_decode_s (the same in every row of a batch)"),
-    ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
-     "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
-    ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
-     "design (exit); never part of a lossless verdict"),
     ("rounds", pa.int64(), "verification rounds (decode steps for autoregressive)"),
     ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
     ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),

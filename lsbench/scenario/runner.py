@@ -267,7 +267,10 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
         for _ in range(prepared.job.warmup):
             if on_run is not None:
                 on_run(run)
-            _generate_batch(prepared.loaded, run, prompts, warm_cfg)
+            if run.batch_size == 1:
+                _generate(prepared.loaded, run, prompts[0], warm_cfg)
+            else:
+                _generate_batch(prepared.loaded, run, prompts, warm_cfg)
 
 
 def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
