@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from lsbench.errors import LsbenchError
+from lsbench.scenario.latency import ITL_PERCENTILES, token_gaps
 
 EARLY_EXIT = ("layerskip", "hf-early-exit")
 DRAFT_MODEL = ("spec", "hf-assisted")
@@ -136,11 +137,29 @@ def _rounds_total(g: pd.DataFrame, col: str) -> float:
     return float(s.sum()) if s.notna().any() else math.nan
 
 
+def _latency_ms(g: pd.DataFrame) -> dict[str, float]:
+    """ttft_ms and tpot_ms (medians over the rows) and itl_p<q>_ms, percentiles of the inter-
+    token latencies of all the run's tokens pooled (as serving benchmarks report them), from
+    the raw steps; the median of the rows' itl_p<q>_s where the raw lists are absent."""
+    out = {"ttft_ms": 1000 * _numeric(g, "ttft_s").median(),
+           "tpot_ms": 1000 * _numeric(g, "tpot_s").median()}
+    gaps: list[float] = []
+    raw = {"step_end_s", "step_tokens"} <= set(g.columns)
+    for ends, counts in zip(g["step_end_s"], g["step_tokens"], strict=True) if raw else ():
+        if not (ends is None or ends is pd.NA or isinstance(ends, float)):  # null: old files
+            gaps += token_gaps(list(ends), list(counts))
+    for q in ITL_PERCENTILES:
+        out[f"itl_p{q}_ms"] = (1000 * float(np.percentile(gaps, q)) if gaps
+                               else 1000 * _numeric(g, f"itl_p{q}_s").median())
+    return out
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run. Columns: the group keys, CARRIED, lossy, n, `<m>_median/_p25/_p75` for
     tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted, so
     rounds that drafted nothing do not count), rounds and rounds_without_draft (sums),
-    mean_accepted_len, rougeL, agreement and match_rate (means), flops_prefill,
+    mean_accepted_len, rougeL, agreement and match_rate (means), the latencies in ms
+    (`_latency_ms`: ttft_ms, tpot_ms, itl_p50/p90/p99_ms), flops_prefill,
     flops_per_output_token, prefill_s, draft_s, achieved_gbps, peak_gbps and
     roofline_fraction (medians); the speedup estimators
     (`_speedup_estimates`): speedup_example_median with speedup_ci_low/high, time_ratio,
@@ -180,6 +199,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         rec["match_rate"] = _match_rate(g)
         for col in MEDIANS:
             rec[col] = _numeric(g, col).median()
+        rec.update(_latency_ms(g))
         rec.update(_speedup_estimates(g))
         rec["baseline_strategy"] = g["baseline_strategy"].iloc[0]
         rec.update(_verdicts(g))
@@ -384,7 +404,8 @@ def format_cell(column: str, value) -> str:
         return _sig(value)
     if "flops" in name:
         return f"{value:.3g}"
-    if name.startswith("ms") or "tokens/s" in name or "tokens_per_s" in name:
+    if name.startswith("ms") or name.endswith("_ms") or "tokens/s" in name \
+            or "tokens_per_s" in name:
         return f"{value:.2f}"
     if "s/input" in name or "prefill_s" in name:
         return _sig(value)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes
+SCHEMA_VERSION = 4  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes;
+# 4: latency (ttft_s, tpot_s, itl_p*_s and the raw step_end_s, step_tokens)
 # Columns of older versions that this one no longer has: dropped when such a file is read.
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
@@ -67,6 +68,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("step_end_s", pa.list_(pa.float64()), "end of each decode step after the first token "
+     "(a round of a speculative loop, a token of ar/exit, a streamer callback of hf-*), in "
+     "seconds since the first token: the raw data of tpot_s and itl_*"),
+    ("step_tokens", pa.list_(pa.int64()), "tokens each decode step emitted (sums to "
+     "decode_tokens)"),
     ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
      "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
     ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
@@ -90,6 +96,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("tokens_per_s", pa.float64(), "decode_tokens / decode_s"),
     ("e2e_tokens_per_s", pa.float64(), "new_tokens / total_s (prefill included)"),
     ("ms_per_token", pa.float64(), "1000 * decode_s / decode_tokens"),
+    ("ttft_s", pa.float64(), "time to first token: prompt to first new token (= prefill_s)"),
+    ("tpot_s", pa.float64(), "time per output token after the first: decode_s / "
+     "decode_tokens"),
+    ("itl_p50_s", pa.float64(), "median inter-token latency: each token's time since the "
+     "previous emission, so a step of n tokens gives one gap and n - 1 zeros (README, "
+     "Latency); NaN without decode tokens"),
+    ("itl_p90_s", pa.float64(), "90th percentile of the same inter-token latencies"),
+    ("itl_p99_s", pa.float64(), "99th percentile of the same inter-token latencies"),
     ("acceptance_rate", pa.float64(), "accepted drafts / drafted tokens (NaN without drafts)"),
     ("mean_accepted_len", pa.float64(), "tokens emitted per round incl. the bonus; 1.0 for AR"),
     ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),

@@ -45,6 +45,7 @@ from lsbench.scenario.accounting import (
 from lsbench.scenario.costs import calibrate
 from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
 from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
+from lsbench.scenario.latency import latency_columns
 from lsbench.scenario.quality import (
     first_mismatch,
     logit_gap,
@@ -473,7 +474,8 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
 
 
 def _timing_columns(gen: Generation, baseline: dict | None) -> dict:
-    """Tokens and wall times, the rates derived from them, and the speedup on the baseline."""
+    """Tokens and wall times, the rates and latencies derived from them, and the speedup on
+    the baseline."""
     total_s = gen.prefill_s + gen.decode_s
     ms_per_token = _ms_per_token(gen)
     base_ms = baseline["ms_per_token"] if baseline else None
@@ -485,6 +487,8 @@ def _timing_columns(gen: Generation, baseline: dict | None) -> dict:
         "ms_per_token": ms_per_token,
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
         "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
+        **latency_columns(gen.prefill_s, gen.decode_s, gen.decode_tokens, gen.step_end_s,
+                          gen.step_tokens),
     }
 
 
