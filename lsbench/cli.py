@@ -90,6 +90,14 @@ DType = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or a
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 MaxInput = Annotated[int | None, typer.Option(help="Article token budget; longer articles "
                      "are truncated.")]
+PromptFormat = Annotated[str | None, typer.Option(help="chat (the tokenizer's chat template), "
+                         "article-summary ('Article: ...\\nSummary:', the LayerSkip "
+                         "benchmark's) or plain (the article alone); default chat where the "
+                         "tokenizer has a template, else article-summary.")]
+NShot = Annotated[int | None, typer.Option(help="Prepend N examples with their reference "
+                  "summaries (the train split; the other examples where there is none).")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable): the output "
+                 "is cut at it; a one-token string also stops decoding.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results file "
                 "(default results/<name>.parquet).")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
@@ -104,9 +112,10 @@ Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, model, dataset,
               limit, max_input_tokens, max_new_tokens, sample, temperature, top_p, top_k,
-              seed, dtype, device, threads):
+              seed, dtype, device, threads, prompt_format=None, n_shot=None, stop=None):
     """The file's settings with the command's options on top: the options every measuring
-    command shares (model, data, decoding, device) and the command's own `overrides`."""
+    command shares (model, data, prompt, decoding, device) and the command's own
+    `overrides`."""
     from lsbench.scenario.jobs import Settings
 
     s = Settings.from_file(file)
@@ -116,7 +125,9 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, mo
         ("decoding", "max_new_tokens"): max_new_tokens, ("decoding", "sample"): sample,
         ("decoding", "temperature"): temperature, ("decoding", "top_p"): top_p,
         ("decoding", "top_k"): top_k, ("decoding", "seed"): seed, ("", "dtype"): dtype,
-        ("", "device"): device, ("", "threads"): threads}
+        ("", "device"): device, ("", "threads"): threads,
+        ("data", "prompt_format"): prompt_format, ("data", "n_shot"): n_shot,
+        ("decoding", "stop"): stop or None}
     for (section, key), value in {**shared, **overrides}.items():
         s.override(section, key, value)
     return s
@@ -234,6 +245,7 @@ def sweep(
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
     force: Force = False, shard: Shard = None, ray: Ray = None, device_map: DeviceMap = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
     top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
                    "first and measure only its N best predicted points.")] = None,
 ) -> None:
@@ -248,7 +260,8 @@ def sweep(
             ("sweep", "warmup"): warmup},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         if s.get("sweep", "exit_layers") == "auto":
             if shard is not None or device_map is not None:
                 raise LsbenchError("--exit-layers auto scans first; drop --shard and "
@@ -281,6 +294,7 @@ def compare(
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
     threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
     ray: Ray = None, device_map: DeviceMap = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.scenario.jobs import compare_job
@@ -294,7 +308,8 @@ def compare(
             ("compare", "warmup"): warmup},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         if not s.get("", "name"):
             s.override("", "name", "compare")
         _measure(compare_job, s, out, force, "compare", shard, ray, device_map)
@@ -329,6 +344,7 @@ def scan(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Scan file (default "
                    "results/<name>.scan.parquet; traces go to <out>.trace.parquet).")] = None,
     ray: Ray = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """Predict the whole exit-layer x k surface (greedy) from one teacher-forced pass per
     example: exact acceptance and rounds, and speedup priced with measured unit costs."""
@@ -338,7 +354,8 @@ def scan(
             ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         _scan(s, draft or [], thresholds, verify, out, pld=pld, ray_text=ray)
 
     _guarded(body, out)

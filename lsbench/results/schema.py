@@ -56,7 +56,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("top_p", pa.float64(), "nucleus filter, 1.0 off"),
     ("seed", pa.int64(), "seed of the sampler"),
     ("max_new_tokens", pa.int64(), "generation budget"),
-    ("prompt_format", pa.string(), "chat-template or 'Article: ...\\nSummary:'"),
+    ("prompt_format", pa.string(), "chat (the tokenizer's chat template), article-summary "
+     "('Article: ...\\nSummary:', the LayerSkip benchmark's) or plain (the article alone); "
+     "chat-template in files of schema version 3 and older"),
+    ("n_shot", pa.int64(), "examples with their reference summaries before the evaluated "
+     "article (--n-shot)"),
+    ("stop_strings", pa.list_(pa.string()), "--stop texts: output_text is cut at the first; "
+     "one-token ones also stop decoding"),
     ("max_input_tokens", pa.int64(), "article token budget before truncation"),
     ("prompt_tokens", pa.int64(), "tokens in the prompt"),
     ("article_truncated", pa.bool_(), "whether the article was cut to max_input_tokens"),

@@ -14,7 +14,7 @@ from lsbench.backend.early_exit import check_exit_layers
 from lsbench.backend.loading import resolve_device, resolve_dtype
 from lsbench.engine.generation import DecodingConfig
 from lsbench.errors import LsbenchError
-from lsbench.scenario.data import DatasetSpec
+from lsbench.scenario.data import DatasetSpec, check_prompt_format
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,6 +84,9 @@ class JobSpec:
     device: str = "auto"
     sweep_file: str = ""
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    prompt_format: str = ""  # data.PROMPT_FORMATS; "" picks by the tokenizer (build_prompt)
+    n_shot: int = 0  # examples with their references before the evaluated article
+    stop_strings: tuple[str, ...] = ()  # generation ends at these texts (README: --stop)
 
     def run_id(self, run: RunSpec) -> str:
         """Stable hash of what makes a measurement comparable (resume key)."""
@@ -93,6 +96,10 @@ class JobSpec:
         key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
                "dtype": self.dtype, "device": self.device, "run": asdict(run)}
+        # The prompt settings join the key only when set, so default jobs keep their run ids.
+        prompt = {"prompt_format": self.prompt_format, "n_shot": self.n_shot,
+                  "stop_strings": list(self.stop_strings)}
+        key.update({k: v for k, v in prompt.items() if v})
         blob = json.dumps(key, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -146,8 +153,9 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 _SECTIONS = {
     "": {"name", "model", "revision", "dtype", "device", "threads", "data", "decoding", "sweep",
          "compare"},
-    "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
-    "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
+    "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files",
+             "prompt_format", "n_shot"},
+    "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed", "stop"},
     "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
     "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference"},
 }
@@ -268,10 +276,16 @@ def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
     if threads is not None and threads < 1:
         raise LsbenchError(f"threads must be >= 1, got {threads}")
     name = s.typed("", "name", str) or (Path(s.source).stem if s.source else "sweep")
+    fmt, n_shot = s.typed("data", "prompt_format", str, ""), s.typed("data", "n_shot", int, 0)
+    check_prompt_format(fmt, n_shot)
+    stops = s.typed("decoding", "stop", list, [])
+    if not all(isinstance(t, str) and t for t in stops):
+        raise LsbenchError(f"stop strings must be non-empty texts, got {stops!r}")
     return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
                    runs=tuple(runs), revision=s.typed("", "revision", str),
                    max_input_tokens=max_input_tokens, repeats=repeats, warmup=warmup,
-                   dtype=dtype, device=device, sweep_file=s.source, threads=threads)
+                   dtype=dtype, device=device, sweep_file=s.source, threads=threads,
+                   prompt_format=fmt, n_shot=n_shot, stop_strings=tuple(dict.fromkeys(stops)))
 
 
 def _speculations(s: Settings, section: str, default: list[int],

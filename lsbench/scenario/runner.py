@@ -43,7 +43,15 @@ from lsbench.scenario.accounting import (
     weight_bytes,
 )
 from lsbench.scenario.costs import calibrate
-from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
+from lsbench.scenario.data import (
+    Example,
+    Prompt,
+    build_prompts,
+    check_dataset,
+    cut_at_stop,
+    load_examples,
+    stop_string_ids,
+)
 from lsbench.scenario.jobs import BASELINES, JobSpec, RunSpec, baseline_of
 from lsbench.scenario.latency import latency_columns
 from lsbench.scenario.quality import (
@@ -116,12 +124,13 @@ def load_job_models(job: JobSpec, device_map: str | None = None) -> _Loaded:
                    peak_gbps(str(adapter.device)))
 
 
-def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+def stop_token_ids(loaded: LoadedModel, stop_strings: Iterable[str] = ()) -> tuple[int, ...]:
+    """EOS ids of the model and its tokenizer, then the stop strings that are one token."""
     ids: list[int] = []
     for value in (getattr(loaded.model.generation_config, "eos_token_id", None),
                   loaded.tokenizer.eos_token_id):
         ids += value if isinstance(value, list) else [value] if value is not None else []
-    return tuple(dict.fromkeys(ids))
+    return tuple(dict.fromkeys([*ids, *stop_string_ids(loaded.tokenizer, list(stop_strings))]))
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -183,9 +192,10 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
     examples, fingerprint = load_examples(job.dataset)
     loaded = load_job_models(job, device_map)
     tokenizer = loaded.target.tokenizer
-    prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
+    prompts = build_prompts(tokenizer, job.dataset, examples, job.max_input_tokens,
+                            job.prompt_format, job.n_shot)
     cfg = DecodingConfig(**{**job.decoding.__dict__,
-                            "stop_token_ids": stop_token_ids(loaded.target)})
+                            "stop_token_ids": stop_token_ids(loaded.target, job.stop_strings)})
     env = {**environment(loaded.adapter.device, loaded.adapter.dtype),
            "device_map": device_map or ""}
     return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
@@ -435,7 +445,9 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
     ex, prompt = prepared.examples[index], prepared.prompts[index]
     target = loaded.target
     draft = loaded.drafts[run.draft_model] if run.draft_model else None
-    text = target.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    # Stop strings cut the text after the run (README: --stop); ids and timings stay as run.
+    text = cut_at_stop(target.tokenizer.decode(gen.tokens, skip_special_tokens=True),
+                       job.stop_strings)
     base_ids = baseline["output_ids"] if baseline else None
     draft_cost = (draft[2], loaded.weights[run.draft_model]) if draft else None
     return {
@@ -452,6 +464,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "do_sample": job.decoding.do_sample, "temperature": job.decoding.temperature,
         "top_k": job.decoding.top_k, "top_p": job.decoding.top_p, "seed": job.decoding.seed,
         "max_new_tokens": job.decoding.max_new_tokens, "prompt_format": prompt.format,
+        "n_shot": job.n_shot, "stop_strings": list(job.stop_strings),
         "max_input_tokens": job.max_input_tokens, "prompt_tokens": len(prompt.ids),
         "article_truncated": prompt.truncated, "lossy": run.strategy in LOSSY,
         "output_ids": gen.tokens, "output_text": text,

@@ -38,7 +38,7 @@ from lsbench.results.scan_schema import (
     arrow_schema,
 )
 from lsbench.scenario.costs import CostTable, measure_cost_table, with_draft_costs
-from lsbench.scenario.data import build_prompt, load_examples
+from lsbench.scenario.data import build_prompts, load_examples
 from lsbench.scenario.jobs import BASELINE, JobSpec, Settings, base_job, parse_int_list
 from lsbench.scenario.replay import Replay, replay, replay_pld
 from lsbench.scenario.runner import (
@@ -317,10 +317,10 @@ def prepare_scan(spec: ScanSpec, emit: Callable[[ProgressEvent], None] = lambda 
                  for d in spec.drafts)
     loaded = load_job_models(dataclasses.replace(job, runs=(BASELINE, *runs)))
     model = loaded.adapter
-    prompts = [build_prompt(loaded.target.tokenizer, ex.article, job.max_input_tokens)
-               for ex in examples]
+    prompts = build_prompts(loaded.target.tokenizer, job.dataset, examples,
+                            job.max_input_tokens, job.prompt_format, job.n_shot)
     cfg = DecodingConfig(**{**job.decoding.__dict__,
-                            "stop_token_ids": stop_token_ids(loaded.target)})
+                            "stop_token_ids": stop_token_ids(loaded.target, job.stop_strings)})
     session = ScanSession(
         spec, examples, fingerprint, prompts, model,
         {name: entry[1] for name, entry in loaded.drafts.items()}, cfg,
