@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lsbench.backend.early_exit import check_exit_layers
 from lsbench.backend.loading import resolve_device, resolve_dtype
@@ -33,7 +35,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        if self.strategy in ("ar", "hf-ar"):
+        if self.strategy in ("ar", "hf-ar", "hf-ar-compiled"):
             return self.strategy
         if self.strategy in LOOKUP:
             return f"{self.strategy} k={self.num_speculations}"
@@ -64,6 +66,13 @@ LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit 
 # (over k) and early exit without verification (over E; lossy).
 SWEEP_STRATEGIES = ("layerskip", "hf-early-exit", "pld", "hf-pld", "exit")
 PLD_DRAFT = "pld"  # `compare --draft pld`: prompt lookup, a pseudo-draft that loads no model
+# transformers' generate() with its static cache and torch.compile: the compiled peer of `ar`,
+# measured by `compare --hf-reference` when the job runs the compiled engine.
+HF_COMPILED = RunSpec("hf-ar-compiled")
+# The compile default off CUDA (on CUDA the compiled engine is the default). `make
+# bench-engine` decides it: its "compiled ar vs eager ar" line on this project's CPU; until the
+# compiled engine beats eager decoding there, the CPU runs eager.
+COMPILE_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,16 @@ class JobSpec:
     device: str = "auto"
     sweep_file: str = ""
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    compiled: bool = False  # lsbench's loops run the compiled engine (--compile)
+
+    def engine_compiled(self, run: RunSpec) -> bool:
+        """Whether `run` goes through lsbench's compiled engine: transformers' references
+        (hf-*) run transformers' own code and never do."""
+        return self.compiled and not run.strategy.startswith("hf-")
+
+    def compiles(self, run: RunSpec) -> bool:
+        """Whether `run` compiles in warm-up: lsbench's compiled engine or hf-ar-compiled."""
+        return self.engine_compiled(run) or run == HF_COMPILED
 
     def run_id(self, run: RunSpec) -> str:
         """Stable hash of what makes a measurement comparable (resume key)."""
@@ -92,7 +111,9 @@ class JobSpec:
         dataset = {k: v for k, v in asdict(self.dataset).items() if k != "limit"}
         key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
-               "dtype": self.dtype, "device": self.device, "run": asdict(run)}
+               "dtype": self.dtype, "device": self.device, "run": asdict(run),
+               # compiled and eager rows of one run are two measurements, never resumed as one
+               "compiled": self.engine_compiled(run)}
         blob = json.dumps(key, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -148,8 +169,9 @@ _SECTIONS = {
          "compare"},
     "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
     "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
-    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
-    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference"},
+    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup", "compile"},
+    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference",
+                "compile"},
 }
 
 
@@ -268,10 +290,14 @@ def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
     if threads is not None and threads < 1:
         raise LsbenchError(f"threads must be >= 1, got {threads}")
     name = s.typed("", "name", str) or (Path(s.source).stem if s.source else "sweep")
+    compiled = s.typed(section, "compile", bool)
+    if compiled is None:
+        compiled = torch.device(device).type == "cuda" or COMPILE_ON_CPU
     return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
                    runs=tuple(runs), revision=s.typed("", "revision", str),
                    max_input_tokens=max_input_tokens, repeats=repeats, warmup=warmup,
-                   dtype=dtype, device=device, sweep_file=s.source, threads=threads)
+                   dtype=dtype, device=device, sweep_file=s.source, threads=threads,
+                   compiled=compiled)
 
 
 def _speculations(s: Settings, section: str, default: list[int],
@@ -342,7 +368,10 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return base_job(s, with_baselines(runs), "compare")
+    job = base_job(s, with_baselines(runs), "compare")
+    if hf and job.compiled:  # compiled ar's peer: transformers' own compiled generate()
+        job = replace(job, runs=(*job.runs[:2], HF_COMPILED, *job.runs[2:]))
+    return job
 
 
 
