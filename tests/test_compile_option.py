@@ -21,7 +21,7 @@ from lsbench.errors import LsbenchError
 from lsbench.results.store import ResultStore
 from lsbench.scenario.jobs import HF_COMPILED, Settings, compare_job, sweep_job
 from lsbench.scenario.runner import engine_generate, is_compile_failure
-from tests.test_cli import invoke, sweep_args
+from tests.test_cli import assert_refused, invoke, sweep_args
 from tests.test_runner import job_settings, write_jsonl
 
 COMPILE_S = 0.5  # what the fake compiler takes on a run's first call
@@ -78,6 +78,16 @@ def test_toml_compile_is_read_and_checked(tiny_model_dir, data_file, tmp_path):
     path.write_text(path.read_text().replace('compile = "yes"', "compiled = true"))
     with pytest.raises(LsbenchError, match=r"unknown key.*compiled"):
         Settings.from_file(path)
+
+
+@pytest.mark.parametrize("command,section", [("sweep", "sweep"), ("compare", "compare"),
+                                             ("scan", "sweep")])
+def test_a_bad_compile_value_is_one_line(tiny_model_dir, data_file, tmp_path, command, section):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'model = "{tiny_model_dir}"\ndevice = "cpu"\n[data]\n'
+                    f'dataset = "jsonl:{data_file}"\n[{section}]\ncompile = 1\n'
+                    + ('early_exit = [2]\n' if command == "compare" else ""))
+    assert_refused(invoke(command, path), f"[{section}] compile must be of type bool")
 
 
 def test_the_engine_is_part_of_the_run_id(tiny_model_dir, data_file):
