@@ -3,6 +3,7 @@ hf-* counting hooks, which count from shapes and never read a device value."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
@@ -54,3 +55,18 @@ def test_hf_ar_compiled_decodes_and_counts_as_ar(target):
     assert first.kv_cache_bytes == hf.kv_cache_bytes > 0
     per_position = hf.kv_cache_bytes // (len(PROMPT) + len(hf.tokens) - 1)
     assert first.kv_cache_capacity_bytes == per_position * STATIC_CACHE_BUCKET
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hf_ar_compiled_on_cuda_uses_generates_own_compile():
+    # On CUDA transformers compiles by its own criteria (CUDA graphs, reduce-overhead); the
+    # tokens and counts must be those of lsbench's ar on the same device.
+    from lsbench.backend.early_exit import EarlyExitModel
+    from tests.conftest import tiny_model
+
+    model = EarlyExitModel(tiny_model(seed=0, num_layers=4, dtype=torch.float32).to("cuda"))
+    ar = generate("ar", model, PROMPT, GREEDY)
+    for _ in range(2):  # the second call runs the captured graphs
+        gen = generate("hf-ar-compiled", model, PROMPT, GREEDY)
+        assert gen.compiled and gen.tokens == ar.tokens
+        assert _counts(gen) == _counts(ar)
