@@ -8,9 +8,12 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
+from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.engine import hf_reference
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.hf_reference import STATIC_CACHE_BUCKET, _cached_length
 from lsbench.engine.strategies import STRATEGIES, generate
+from tests.conftest import tiny_model
 
 PROMPT = [1, 5, 9, 14, 20, 33, 7, 41]
 GREEDY = DecodingConfig(max_new_tokens=12)
@@ -29,6 +32,29 @@ def test_hooks_take_positions_from_the_cache_without_reading_device_memory():
     assert _cached_length({"cache": cache}, 0) == 7
     assert _cached_length({"past_key_values": cache}, 0) == 7
     assert _cached_length({"cache": cache}, 3) is None and _cached_length({}, 0) is None
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("hf-ar", {}), ("hf-early-exit", {"k": 3, "exit_layer": 2}), ("hf-pld", {"k": 3}),
+    ("hf-assisted", {"k": 3, "draft": "draft"})])
+def test_positions_from_cache_lengths_count_what_position_ids_say(target, monkeypatch,
+                                                                    strategy, extra):
+    # The hooks' fallback reads position_ids (a device read); with rolled-back drafts
+    # (hf-early-exit, hf-pld, hf-assisted) the cache lengths must give the same positions.
+    if extra.get("draft"):
+        extra = {**extra, "draft": EarlyExitModel(
+            tiny_model(seed=1, num_layers=2, dtype=target.dtype).to(target.device))}
+    prompt = PROMPT + PROMPT[1:4]  # a repeated n-gram: prompt lookup drafts
+    cfg = DecodingConfig(max_new_tokens=20)
+    counts = _all_counts(generate(strategy, target, prompt, cfg, **extra))
+    monkeypatch.setattr(hf_reference, "_cached_length", lambda kwargs, i: None)
+    assert _all_counts(generate(strategy, target, prompt, cfg, **extra)) == counts
+
+
+def _all_counts(gen):
+    return [(c.layer_tokens, c.layer_calls, c.attn_pairs) for c in (
+        gen.prefill_counts, gen.decode_counts, gen.draft_prefill_counts, gen.draft_decode_counts)
+        if c is not None]
 
 
 def test_hf_ar_is_counted_as_lsbenchs_ar(target):
@@ -61,9 +87,6 @@ def test_hf_ar_compiled_decodes_and_counts_as_ar(target):
 def test_hf_ar_compiled_on_cuda_uses_generates_own_compile():
     # On CUDA transformers compiles by its own criteria (CUDA graphs, reduce-overhead); the
     # tokens and counts must be those of lsbench's ar on the same device.
-    from lsbench.backend.early_exit import EarlyExitModel
-    from tests.conftest import tiny_model
-
     model = EarlyExitModel(tiny_model(seed=0, num_layers=4, dtype=torch.float32).to("cuda"))
     ar = generate("ar", model, PROMPT, GREEDY)
     for _ in range(2):  # the second call runs the captured graphs
