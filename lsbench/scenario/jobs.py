@@ -346,7 +346,8 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
     """Draft models against early exit: baseline + spec per draft (pld for the pseudo-draft
-    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference."""
+    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference (with the
+    compiled engine also hf-ar-compiled, compiled ar's counterpart)."""
     drafts = s.typed("compare", "drafts", list, [])
     if not all(isinstance(d, str) and d for d in drafts):
         raise LsbenchError(f"drafts must be model names, got {drafts!r}")
