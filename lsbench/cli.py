@@ -106,6 +106,9 @@ Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N 
                 "this machine), auto or ADDRESS (an existing cluster); needs lsbench[cluster].")]
 DeviceMap = Annotated[str | None, typer.Option(help="Spread target and draft over devices "
                       "(accelerate): auto, balanced or FILE.json (module name -> device).")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="Decode "
+                    "through the compiled engine (torch.compile, compiled in warm-up; time "
+                    "in compile_s). Default: on for CUDA, off (eager) on CPU.")]
 Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
                   "example), into <out>.shard-I-of-N.parquet; combine with lsbench merge.")]
 
@@ -193,7 +196,9 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
               f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
-              f"in a shuffled order per example -> {escape(str(path))}", highlight=False)
+              f"in a shuffled order per example"
+              f"{', compiled engine' if job.compiled else ''} -> {escape(str(path))}",
+              highlight=False)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=err, transient=False) as progress:
@@ -246,6 +251,7 @@ def sweep(
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
     force: Force = False, shard: Shard = None, ray: Ray = None, device_map: DeviceMap = None,
     prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
+    compile_: Compile = None,
     top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
                    "first and measure only its N best predicted points.")] = None,
 ) -> None:
@@ -257,7 +263,7 @@ def sweep(
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
             ("sweep", "strategies"): strategy or None, ("sweep", "repeats"): repeats,
-            ("sweep", "warmup"): warmup},
+            ("sweep", "warmup"): warmup, ("sweep", "compile"): compile_},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
@@ -293,7 +299,7 @@ def compare(
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
     threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
-    ray: Ray = None, device_map: DeviceMap = None,
+    ray: Ray = None, device_map: DeviceMap = None, compile_: Compile = None,
     prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
@@ -305,7 +311,7 @@ def compare(
             ("compare", "early_exit"): ",".join(early_exit) if early_exit else None,
             ("compare", "num_speculations"): num_speculations,
             ("compare", "hf_reference"): hf_reference, ("compare", "repeats"): repeats,
-            ("compare", "warmup"): warmup},
+            ("compare", "warmup"): warmup, ("compare", "compile"): compile_},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
@@ -343,7 +349,7 @@ def scan(
     threads: Threads = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Scan file (default "
                    "results/<name>.scan.parquet; traces go to <out>.trace.parquet).")] = None,
-    ray: Ray = None,
+    ray: Ray = None, compile_: Compile = None,
     prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """Predict the whole exit-layer x k surface (greedy) from one teacher-forced pass per
@@ -351,7 +357,8 @@ def scan(
     def body() -> None:
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
-            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup},
+            ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup,
+            ("sweep", "compile"): compile_},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,

@@ -24,16 +24,26 @@ LOSSY = ("exit",)
 GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculations", "dataset",
               "do_sample", "run_id"]
 # Constant within a run; carried into the summary so that tables need not go back to the rows.
-CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
+CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params",
+           "compiled"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
 MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s", "achieved_gbps",
            "peak_gbps", "roofline_fraction"]
 NONE = "—"
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
 BOOTSTRAP_SEED = 0
-# lsbench's strategy -> transformers' counterpart, for the cross-engine column
+# lsbench's strategy -> transformers' counterpart, for the cross-engine column; compiled `ar`
+# pairs with transformers' compiled generate() (its assisted loops cannot be compiled)
 COUNTERPART = {"ar": "hf-ar", "layerskip": "hf-early-exit", "spec": "hf-assisted",
                "pld": "hf-pld"}
+COMPILED_COUNTERPART = {"ar": "hf-ar-compiled"}
+
+
+def counterpart(strategy: str, compiled: object) -> str | None:
+    """transformers' run an lsbench run is compared with (`compiled`: the row's engine)."""
+    if not pd.isna(compiled) and bool(compiled) and strategy in COMPILED_COUNTERPART:
+        return COMPILED_COUNTERPART[strategy]
+    return COUNTERPART.get(strategy)
 
 
 def _group_keys(df: pd.DataFrame) -> list[str]:
@@ -113,7 +123,7 @@ def _cross_engine(summary: pd.DataFrame) -> pd.Series:
     blocks = [k for k in ("source_file", "model", "dataset", "do_sample") if k in summary]
     for _, g in summary.groupby(blocks, sort=False, dropna=False):
         for i, row in g.iterrows():
-            other = COUNTERPART.get(row["strategy"])
+            other = counterpart(row["strategy"], row.get("compiled", pd.NA))
             if other is None:
                 continue
             match = g[(g["strategy"] == other) & (g["exit_layer"] == row["exit_layer"])

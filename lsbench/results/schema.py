@@ -6,7 +6,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 4  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes;
-# 4: latency (ttft_s, tpot_s, itl_p*_s and the raw step_end_s, step_tokens)
+# 4: latency (ttft_s, tpot_s, itl_p*_s and the raw step_end_s, step_tokens), prompt settings
+# (n_shot, stop_strings), compiled, compile_s and the engine policy (eager_head,
+# defer_threshold, device_loop)
 # Columns of older versions that this one no longer has: dropped when such a file is read.
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
@@ -29,8 +31,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "stable hash of everything that defines the run (resume key)"),
     ("sweep_name", pa.string(), "name of the sweep or compare job"),
     ("sweep_file", pa.string(), "sweep file the run came from, empty when none"),
-    ("strategy", pa.string(), "ar | spec | layerskip | pld | exit | hf-ar | hf-assisted | "
-     "hf-early-exit | hf-pld"),
+    ("strategy", pa.string(), "ar | spec | layerskip | pld | exit | hf-ar | hf-ar-compiled | "
+     "hf-assisted | hf-early-exit | hf-pld"),
     ("is_baseline", pa.bool_(), "true for an autoregressive baseline: ar (lsbench) or hf-ar "
      "(transformers)"),
     ("model", pa.string(), "target model as given (embedded name, hub id, directory, .gguf)"),
@@ -42,6 +44,15 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("draft_params", pa.int64(), "parameters of the draft model (0 when none)"),
     ("exit_layer", pa.int64(), "early-exit layer E for layerskip/hf-early-exit/exit, 0 otherwise"),
     ("num_speculations", pa.int64(), "draft tokens per round k, 0 for autoregressive and exit"),
+    # the engine that ran (null in files of schema version 3 and older)
+    ("compiled", pa.bool_(), "true: compiled forwards (lsbench's compiled engine with "
+     "--compile, or hf-ar-compiled's torch.compile); false: eager"),
+    ("eager_head", pa.bool_(), "lsbench's speculative loops: the verify head computed every "
+     "row at once (else lazily, row 0 first); false for other strategies"),
+    ("defer_threshold", pa.float64(), "lsbench's speculative loops: the measured break-even "
+     "of deferring the last draft; NaN when the E/L rule decided (and for other strategies)"),
+    ("device_loop", pa.bool_(), "lsbench's speculative loops: greedy rounds kept on the device "
+     "with one transfer per round (CUDA); false otherwise"),
     ("dataset", pa.string(), "dataset name"),
     ("dataset_split", pa.string(), "split (hub datasets)"),
     ("dataset_fingerprint", pa.string(), "hash of the selected examples' text"),
@@ -83,6 +94,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
     ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
      "design (exit); never part of a lossless verdict"),
+    ("compile_s", pa.float64(), "compiled runs: wall seconds of the run's first warm-up "
+     "generation in this process (compilation, graph capture and one short generation; small "
+     "when an earlier run compiled the same graphs), never part of a timed run; 0 for eager"),
     ("rounds", pa.int64(), "verification rounds (decode steps for autoregressive)"),
     ("drafted_per_round", pa.list_(pa.int64()), "draft tokens proposed in each round"),
     ("accepted_per_round", pa.list_(pa.int64()), "draft tokens accepted in each round"),

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lsbench.backend.early_exit import check_exit_layers
 from lsbench.backend.loading import resolve_device, resolve_dtype
@@ -33,7 +35,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        if self.strategy in ("ar", "hf-ar"):
+        if self.strategy in ("ar", "hf-ar", "hf-ar-compiled"):
             return self.strategy
         if self.strategy in LOOKUP:
             return f"{self.strategy} k={self.num_speculations}"
@@ -64,6 +66,13 @@ LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit 
 # (over k) and early exit without verification (over E; lossy).
 SWEEP_STRATEGIES = ("layerskip", "hf-early-exit", "pld", "hf-pld", "exit")
 PLD_DRAFT = "pld"  # `compare --draft pld`: prompt lookup, a pseudo-draft that loads no model
+# transformers' generate() with its static cache and torch.compile: the compiled peer of `ar`,
+# measured by `compare --hf-reference` when the job runs the compiled engine.
+HF_COMPILED = RunSpec("hf-ar-compiled")
+# The compile default off CUDA (on CUDA the compiled engine is the default). `make
+# bench-engine` decides it: its "compiled ar vs eager ar" line on this project's CPU; until the
+# compiled engine beats eager decoding there, the CPU runs eager.
+COMPILE_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,16 @@ class JobSpec:
     prompt_format: str = ""  # data.PROMPT_FORMATS; "" picks by the tokenizer (build_prompt)
     n_shot: int = 0  # examples with their references before the evaluated article
     stop_strings: tuple[str, ...] = ()  # generation ends at these texts (README: --stop)
+    compiled: bool = False  # lsbench's loops run the compiled engine (--compile)
+
+    def engine_compiled(self, run: RunSpec) -> bool:
+        """Whether `run` goes through lsbench's compiled engine: transformers' references
+        (hf-*) run transformers' own code and never do."""
+        return self.compiled and not run.strategy.startswith("hf-")
+
+    def compiles(self, run: RunSpec) -> bool:
+        """Whether `run` compiles in warm-up: lsbench's compiled engine or hf-ar-compiled."""
+        return self.engine_compiled(run) or run == HF_COMPILED
 
     def run_id(self, run: RunSpec) -> str:
         """Stable hash of what makes a measurement comparable (resume key)."""
@@ -95,7 +114,9 @@ class JobSpec:
         dataset = {k: v for k, v in asdict(self.dataset).items() if k != "limit"}
         key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
-               "dtype": self.dtype, "device": self.device, "run": asdict(run)}
+               "dtype": self.dtype, "device": self.device, "run": asdict(run),
+               # compiled and eager rows of one run are two measurements, never resumed as one
+               "compiled": self.engine_compiled(run)}
         # The prompt settings join the key only when set, so default jobs keep their run ids.
         prompt = {"prompt_format": self.prompt_format, "n_shot": self.n_shot,
                   "stop_strings": list(self.stop_strings)}
@@ -156,8 +177,9 @@ _SECTIONS = {
     "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files",
              "prompt_format", "n_shot"},
     "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed", "stop"},
-    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup"},
-    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference"},
+    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup", "compile"},
+    "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference",
+                "compile"},
 }
 
 
@@ -281,11 +303,15 @@ def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
     stops = s.typed("decoding", "stop", list, [])
     if not all(isinstance(t, str) and t for t in stops):
         raise LsbenchError(f"stop strings must be non-empty texts, got {stops!r}")
+    compiled = s.typed(section, "compile", bool)
+    if compiled is None:
+        compiled = torch.device(device).type == "cuda" or COMPILE_ON_CPU
     return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
                    runs=tuple(runs), revision=s.typed("", "revision", str),
                    max_input_tokens=max_input_tokens, repeats=repeats, warmup=warmup,
                    dtype=dtype, device=device, sweep_file=s.source, threads=threads,
-                   prompt_format=fmt, n_shot=n_shot, stop_strings=tuple(dict.fromkeys(stops)))
+                   prompt_format=fmt, n_shot=n_shot, stop_strings=tuple(dict.fromkeys(stops)),
+                   compiled=compiled)
 
 
 def _speculations(s: Settings, section: str, default: list[int],
@@ -334,7 +360,8 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
     """Draft models against early exit: baseline + spec per draft (pld for the pseudo-draft
-    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference."""
+    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference (with the
+    compiled engine also hf-ar-compiled, compiled ar's counterpart)."""
     drafts = s.typed("compare", "drafts", list, [])
     if not all(isinstance(d, str) and d for d in drafts):
         raise LsbenchError(f"drafts must be model names, got {drafts!r}")
@@ -356,7 +383,10 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return base_job(s, with_baselines(runs), "compare")
+    job = base_job(s, with_baselines(runs), "compare")
+    if hf and job.compiled:  # compiled ar's peer: transformers' own compiled generate()
+        job = replace(job, runs=(*job.runs[:2], HF_COMPILED, *job.runs[2:]))
+    return job
 
 
 

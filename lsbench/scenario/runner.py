@@ -16,6 +16,7 @@ import math
 import platform
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from lsbench.backend.early_exit import EarlyExitModel
 from lsbench.backend.loading import LoadedModel, load_model, locate_model
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import LOSSY, generate
-from lsbench.errors import LsbenchError
+from lsbench.errors import LsbenchError, one_line
 from lsbench.results.schema import SCHEMA_VERSION
 from lsbench.results.store import ResultStore
 from lsbench.scenario.accounting import (
@@ -163,10 +164,48 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def _generate(loaded: _Loaded, run: RunSpec, prompt: list[int], cfg: DecodingConfig) -> Generation:
+# Where torch.compile's failures come from: dynamo (tracing, guards, the backend call, e.g.
+# BackendCompilerFailed) and inductor (lowering, its C++/Triton compilers, e.g. CppCompileError).
+COMPILE_ERROR_MODULES = ("torch._dynamo", "torch._inductor")
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is torch.compile's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith(COMPILE_ERROR_MODULES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def engine_generate(strategy: str, model: EarlyExitModel, prompt: list[int], cfg: DecodingConfig,
+                    *, compiled: bool = False, compiles: bool = False, **kwargs) -> Generation:
+    """`generate()`; where the run compiles (`compiles`: lsbench's compiled engine, `compiled`
+    passed on, or hf-ar-compiled), a compilation failure becomes one line naming --no-compile
+    instead of a traceback (rows already stored stay: the runner stores whole units)."""
+    if not compiles:
+        return generate(strategy, model, prompt, cfg, compiled=compiled, **kwargs)
+    try:
+        return generate(strategy, model, prompt, cfg, compiled=compiled, **kwargs)
+    except Exception as exc:
+        if isinstance(exc, LsbenchError) or not is_compile_failure(exc):
+            raise
+        raise LsbenchError(f"compiling {strategy} failed ({type(exc).__name__}: "
+                           f"{one_line(exc, 200)}); rerun with --no-compile to measure the "
+                           "eager engine") from None
+
+
+def _generate(prepared: PreparedJob, run: RunSpec, prompt: list[int], cfg: DecodingConfig
+              ) -> Generation:
+    job, loaded = prepared.job, prepared.loaded
     draft = loaded.drafts[run.draft_model][1] if run.draft_model else None
-    return generate(run.strategy, loaded.adapter, prompt, cfg, k=run.num_speculations or 4,
-                    exit_layer=run.exit_layer or None, draft=draft)
+    return engine_generate(run.strategy, loaded.adapter, prompt, cfg,
+                           compiled=job.engine_compiled(run), compiles=job.compiles(run),
+                           k=run.num_speculations or 4, exit_layer=run.exit_layer or None,
+                           draft=draft)
 
 
 # --- the agreed runner interface (one process measures whole units) -------------------------
@@ -183,6 +222,8 @@ class PreparedJob:
     env: dict  # environment(...) metadata of THIS process
     loaded: _Loaded  # target (+ drafts) loaded once
     reference: torch.nn.Module | None = None  # float32 twin of the target, made on demand
+    # Per compiling run: wall seconds of its first warm-up generation here (see warm_up).
+    compile_s: dict[RunSpec, float] = field(default_factory=dict)
 
 
 def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
@@ -209,7 +250,12 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
     """`job.warmup` short, unmeasured generations of every run before any timing. Off the
     CPU it first calibrates the speculative engine at each k (`costs.calibrate`: the verify
     head's shape and the deferral from measured unit costs); on the CPU the engine keeps its
-    default policy (lazy head, E/L deferral), which is what the CPU's costs favour."""
+    default policy (lazy head, E/L deferral), which is what the CPU's costs favour.
+
+    A run that compiles (`JobSpec.compiles`) warms up at least once whatever `job.warmup`
+    says, so that compilation and graph capture never fall inside a timed run; the wall time
+    of its first warm-up generation is its `compile_s` (compiling, capturing and one short
+    generation; little for a run whose graphs an earlier run of the process compiled)."""
     cfg, runs = prepared.cfg, list(runs)
     adapter = prepared.loaded.adapter
     if adapter.device.type != "cpu":
@@ -217,11 +263,16 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
             calibrate(adapter, k, prepared.prompts[0].ids)
     warm_cfg = DecodingConfig(**{**cfg.__dict__,
                                  "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
+    job = prepared.job
     for run in dict.fromkeys(runs):
-        for _ in range(prepared.job.warmup):
+        compiles = job.compiles(run)
+        for i in range(max(job.warmup, 1) if compiles else job.warmup):
             if on_run is not None:
                 on_run(run)
-            _generate(prepared.loaded, run, prepared.prompts[0].ids, warm_cfg)
+            t0 = time.perf_counter()
+            _generate(prepared, run, prepared.prompts[0].ids, warm_cfg)
+            if compiles and i == 0:
+                prepared.compile_s[run] = time.perf_counter() - t0
 
 
 def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
@@ -255,7 +306,7 @@ def measure_unit(prepared: PreparedJob, example_index: int, repeat: int,
         if (job.run_id(run), ex.example_id, repeat) in done:
             continue
         before = start_memory_window(loaded.adapter.device)
-        gen = _generate(loaded, run, prompt.ids, prepared.cfg)
+        gen = _generate(prepared, run, prompt.ids, prepared.cfg)
         measured[run] = (position, gen, peak_memory_delta(loaded.adapter.device, before))
         if on_run is not None:
             on_run(run)
@@ -467,6 +518,7 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "n_shot": job.n_shot, "stop_strings": list(job.stop_strings),
         "max_input_tokens": job.max_input_tokens, "prompt_tokens": len(prompt.ids),
         "article_truncated": prompt.truncated, "lossy": run.strategy in LOSSY,
+        "compile_s": prepared.compile_s.get(run, math.nan) if job.compiles(run) else 0.0,
         "output_ids": gen.tokens, "output_text": text,
         **_timing_columns(gen, baseline),
         **_round_columns(gen, run, job.decoding),
@@ -513,7 +565,7 @@ def _round_columns(gen: Generation, run: RunSpec, decoding: DecodingConfig) -> d
         hist[a] += 1
     if gen.drafted:  # lsbench's speculative loops
         rounds = len(gen.drafted)
-    elif run.strategy in ("ar", "hf-ar", "exit"):
+    elif run.strategy in ("ar", "hf-ar", "hf-ar-compiled", "exit"):
         rounds = gen.decode_tokens
     else:  # generate()'s assisted loop: one target forward through the last layer per round
         rounds = gen.decode_counts.layer_calls[-1]
@@ -521,6 +573,10 @@ def _round_columns(gen: Generation, run: RunSpec, decoding: DecodingConfig) -> d
     hf = run.strategy.startswith("hf-")  # transformers' loop: drafting is not observable
     return {
         "draft_s": math.nan if hf else gen.draft_s, "rounds": rounds,
+        "compiled": gen.compiled,
+        "eager_head": gen.eager_head,
+        "defer_threshold": math.nan if gen.defer_threshold is None else gen.defer_threshold,
+        "device_loop": gen.device_loop,
         "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted,
         "accept_hist": hist,
         "rounds_without_draft": None if hf else _rounds_without_draft(gen, decoding),
