@@ -569,24 +569,34 @@ def _print_path(path: Path) -> None:
 @app.command()
 def report(
     results: Results,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="md or csv.")] = "md",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="md, csv, html (one self-contained "
+                   "page: settings, every table, the plots, the lossless audit; needs --out) or "
+                   "json (the lsbench-report/1 document).")] = "md",
     table: Annotated[str, typer.Option(help="blog (the LayerSkip blog's table, correctly "
-                     "labelled), summary (every statistic per run) or sweep.")] = "blog",
+                     "labelled), summary (every statistic per run) or sweep; md and csv "
+                     "only (html and json hold them all).")] = "blog",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to FILE instead of "
                    "stdout.")] = None,
 ) -> None:
-    """Tables from results files: Markdown for people, CSV for tools."""
+    """Tables from results files: Markdown for people, CSV for tools, an HTML page to share,
+    JSON for scripts."""
     from lsbench.reporting import report as rep
     from lsbench.results.store import read_results
 
     def body() -> None:
         from lsbench.reporting import scan_report
 
-        if fmt not in ("md", "csv"):
-            raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
+        if fmt not in FORMATS:
+            raise LsbenchError(f"unknown format '{fmt}'; choose {', '.join(FORMATS)}")
+        if fmt == "html" and out is None:
+            raise LsbenchError("--format html writes a file: give --out FILE.html")
         scans = [p for p in results if scan_report.is_scan_file(p)]
+        rest = [p for p in results if p not in scans]
+        if fmt in ("html", "json"):
+            _write_report(_document(fmt, rest, scans), out)
+            return
         if scans:  # scan files get the predicted surface and the adaptive-policy table
-            if len(scans) != len(results):
+            if rest:
                 raise LsbenchError("give either scan files or results files, not both")
             df = scan_report.read_scans(scans)
             render = rep.to_markdown if fmt == "md" else rep.to_csv
@@ -596,11 +606,8 @@ def report(
         builders = {"blog": rep.blog_table, "summary": rep.summarize, "sweep": rep.sweep_table}
         if table not in builders:
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
-        if fmt not in ("md", "csv"):
-            raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
         rows = read_results(results)
-        for line in rep.mixed_device_warnings(rows):
-            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        _warn_mixed_devices(rows)
         frame = builders[table](rows)
         text = rep.to_markdown(frame) if fmt == "md" else rep.to_csv(frame)
         _write_report(text, out)
@@ -608,13 +615,50 @@ def report(
     _guarded(body)
 
 
+FORMATS = ("md", "csv", "html", "json")
+
+
+def _warn_mixed_devices(rows) -> None:
+    from lsbench.reporting.report import mixed_device_warnings
+
+    for line in mixed_device_warnings(rows):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _document(fmt: str, results: list[Path], scans: list[Path]) -> str:
+    """The HTML page or JSON document of results files and scan files (either may be empty)."""
+    from lsbench.reporting import scan_report
+    from lsbench.reporting.report import to_json
+    from lsbench.results.store import read_results
+
+    rows = read_results(results) if results else None
+    if rows is not None:
+        if rows.empty:
+            raise LsbenchError("the results files hold no rows")
+        _warn_mixed_devices(rows)
+    scan_rows = scan_report.read_scans(scans) if scans else None
+    sources = [str(p) for p in [*results, *scans]]
+    points = None if scan_rows is None else scan_report.scan_table(scan_rows)
+    policies = None if scan_rows is None else scan_report.policies(scan_rows)
+    if fmt == "json":
+        return to_json(rows, sources, points, policies)
+    from lsbench.reporting.html import html_report
+    from lsbench.reporting.scan_plots import scan_figures
+
+    scan = None if scan_rows is None else (points, policies, scan_figures(scan_rows, rows))
+    return html_report(rows, sources, scan)
+
+
 def _write_report(text: str, path: Path | None) -> None:
     if path is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        err.print(f"wrote {path}")
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise LsbenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+    err.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 @app.command()

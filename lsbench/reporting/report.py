@@ -450,3 +450,83 @@ def to_markdown(table: pd.DataFrame) -> str:
 def to_csv(table: pd.DataFrame) -> str:
     """Raw values, full precision: for spreadsheets and scripts, not for reading."""
     return table.to_csv(index=False, lineterminator="\n")
+
+
+# --- settings and JSON ----------------------------------------------------------------------
+
+JSON_SCHEMA = "lsbench-report/1"
+# What the rows say the job ran with, and what it ran on: one value when every row agrees,
+# else the sorted distinct values. Per-run choices (strategy, E, k) are the tables' columns.
+SETTING_COLUMNS = ["sweep_name", "sweep_file", "dataset", "dataset_split", "dataset_fingerprint",
+                   "max_new_tokens", "max_input_tokens", "do_sample", "temperature", "top_k",
+                   "top_p", "seed", "prompt_format", "n_shot", "stop_strings", "compiled"]
+ENVIRONMENT = ["lsbench_version", "git_commit", "torch_version", "transformers_version",
+               "device", "device_name", "dtype", "threads", "host", "device_map"]
+
+
+def plain(value):
+    """A cell as JSON has it: Python numbers, strings, bools and lists; None for missing and
+    non-finite numbers (JSON has no NaN)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+def _distinct(series: pd.Series):
+    seen: dict[str, object] = {}
+    for v in series:
+        p = plain(v)
+        if p is not None and p != "":
+            seen.setdefault(repr(p), p)
+    values = sorted(seen.values(), key=str)
+    return None if not values else values[0] if len(values) == 1 else values
+
+
+def run_settings(df: pd.DataFrame) -> dict[str, dict]:
+    """`settings` (SETTING_COLUMNS), `environment` (ENVIRONMENT) and `counts` (rows, runs,
+    examples, repeats, the first and last measurement's UTC time) of result rows."""
+    if df.empty:
+        raise LsbenchError("no rows to report")
+    pick = {c: _distinct(df[c]) if c in df.columns else None for c in SETTING_COLUMNS}
+    env = {c: _distinct(df[c]) if c in df.columns else None for c in ENVIRONMENT}
+    stamps = sorted(t for t in df.get("timestamp", pd.Series(dtype=str)).dropna() if t)
+    counts = {"rows": len(df), "runs": int(df["run_id"].nunique()),
+              "examples": int(df["example_id"].nunique()) if "example_id" in df else None,
+              "repeats": int(df["repeat"].max()) + 1 if "repeat" in df else None,
+              "first_measured": stamps[0] if stamps else None,
+              "last_measured": stamps[-1] if stamps else None}
+    return {"settings": pick, "environment": env, "counts": counts}
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    """Table rows as JSON objects, the column names as keys, in column order."""
+    cols = [str(c) for c in table.columns]
+    return [dict(zip(cols, map(plain, row), strict=True))
+            for row in table.itertuples(index=False, name=None)]
+
+
+def to_json(df: pd.DataFrame, sources: list[str], scan: pd.DataFrame | None = None,
+            policies: pd.DataFrame | None = None) -> str:
+    """The `lsbench-report/1` document (README, "JSON report"): settings, summary and sweep
+    tables of result rows, and the scan tables where scan files were given."""
+    import json
+
+    from lsbench import __version__
+
+    doc = {"schema": JSON_SCHEMA, "lsbench_version": __version__, "sources": list(sources),
+           **({"settings": None, "environment": None, "counts": None} if df is None
+              else run_settings(df)),
+           "warnings": [] if df is None else mixed_device_warnings(df),
+           "summary": None if df is None else records(summarize(df)),
+           "sweep": None if df is None else records(sweep_table(df)),
+           "scan": None if scan is None else records(scan),
+           "policies": None if policies is None else records(policies)}
+    return json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
