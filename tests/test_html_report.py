@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from lsbench.reporting.report import JSON_SCHEMA, summarize, sweep_table
-from lsbench.results.store import read_results
+from lsbench.results.store import ResultStore, read_results
 from tests.test_cli import assert_refused, invoke
 from tests.test_runner import write_jsonl
 from tests.test_scan_cli import scan_args
@@ -290,4 +290,20 @@ def test_html_and_json_refusals(swept: Path, tmp_path: Path) -> None:
     assert_refused(invoke("report", swept, "--format", "xml"), "html", "json")
     assert_refused(invoke("report", tmp_path / "missing.parquet", "--format", "html",
                           "--out", tmp_path / "r.html"), "not found")
+    empty = tmp_path / "empty.parquet"
+    shutil.copy(swept, empty)
+    ResultStore(empty).drop_runs(set(read_results([empty])["run_id"]))
+    for fmt in ("html", "json"):
+        assert_refused(invoke("report", empty, "--format", fmt, "--out", tmp_path / "r.html"),
+                       "no rows")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_scan_files_alone(scanned: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scan.html"
+    result = invoke("report", scanned, "--format", "html", "--out", out)
+    assert result.exit_code == 0, result.output
+    tables = parse(out.read_text(encoding="utf-8"))
+    assert set(tables.tables) == {"scan-table", "policies-table"} and len(tables.images) == 2
+    doc = json.loads(invoke("report", scanned, "--format", "json").stdout)
+    assert doc["summary"] is None and doc["settings"] is None and doc["scan"]

@@ -119,8 +119,8 @@ def html_table(table: pd.DataFrame, table_id: str,
 def _definitions(values: dict) -> str:
     items = []
     for key, value in values.items():
-        shown = "—" if value is None else (", ".join(map(str, value))
-                                           if isinstance(value, list) else str(value))
+        shown = ("—" if value is None or value == [] else
+                 ", ".join(map(str, value)) if isinstance(value, list) else str(value))
         items.append(f"<dt>{html.escape(key)}</dt><dd>{html.escape(shown)}</dd>")
     return f"<dl>{''.join(items)}</dl>"
 
