@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lsbench.reporting.html import html_report
 from lsbench.reporting.report import JSON_SCHEMA, summarize, sweep_table
 from lsbench.results.store import ResultStore, read_results
 from tests.test_cli import assert_refused, invoke
+from tests.test_report import make_results
 from tests.test_runner import write_jsonl
 from tests.test_scan_cli import scan_args
 
@@ -170,6 +172,7 @@ def test_html_page_is_self_contained_and_holds_the_parquet(page: Path, swept: Pa
         assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
     for key in ("torch_version", "max_new_tokens", "git_commit", "threads", "device"):
         assert f"<dt>{key}</dt>" in text
+    assert "<li>best lossless: " in text and "<li>best lossy: " in text
     assert_tables_hold_the_parquet(tables, swept)
 
 
@@ -307,3 +310,18 @@ def test_scan_files_alone(scanned: Path, tmp_path: Path) -> None:
     assert set(tables.tables) == {"scan-table", "policies-table"} and len(tables.images) == 2
     doc = json.loads(invoke("report", scanned, "--format", "json").stdout)
     assert doc["summary"] is None and doc["settings"] is None and doc["scan"]
+
+
+def test_blocks_get_their_verdict_lines_and_mismatches_are_marked() -> None:
+    df = make_results(exits=(2, 4), ks=(2,), examples=2, repeats=1, spec=False)
+    bad = df.index[(df["model"] == "tiny-b") & (df["exit_layer"] == 4)][0]
+    df.loc[bad, ["matches_baseline", "first_mismatch", "mismatch_margin",
+                 "lossless_verdict"]] = [False, 3, 1.5, "MISMATCH"]
+    text = html_report(df, ["synthetic.parquet"])
+    headings = re.findall(r"<h3>([^<]+)</h3><ul class=verdicts>(.*?)</ul>", text)
+    assert [h for h, _ in headings] == ["tiny-a on lee-news", "tiny-b on lee-news"]
+    assert all("<li>best lossless: " in lines for _, lines in headings)
+    audit = parse(text).tables["audit-table"]
+    assert len(audit["rows"]) == (~df["is_baseline"]).sum()
+    marked = re.findall(r"<tr class='mismatch'>(.*?)</tr>", text)
+    assert len(marked) == 1 and 'data-value="1.5"' in marked[0] and 'data-value="3"' in marked[0]

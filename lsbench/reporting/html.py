@@ -160,13 +160,23 @@ def _sweep_section(df: pd.DataFrame) -> str:
     table = sweep_table(df)
     classes = ["best" if b else "lossy" if lossy else ""
                for b, lossy in zip(table["best"], table["lossy"], strict=True)]
-    lines = [item for item in sweep_renderables(df) if isinstance(item, str)]
-    verdicts = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    # sweep_renderables makes one rich table per block in this order, each followed by its lines.
+    titles = iter(f"{m} on {d}" for (m, d), _ in table.groupby(["model", "dataset"], sort=False))
+    blocks: list[tuple[str, list[str]]] = []
+    for item in sweep_renderables(df):
+        if isinstance(item, str):
+            blocks[-1][1].append(item)
+        else:
+            blocks.append((next(titles), []))
+    verdicts = "".join(
+        f"<h3>{html.escape(title)}</h3><ul class=verdicts>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+        for title, lines in blocks)
     return ("<h2 id=sweep>Sweep</h2><p>Medians over examples; speedup against the same "
             "engine's autoregressive decoding in the same process, with its 95% bootstrap CI "
             "over examples. Green: best lossless run per model; yellow: lossy (early exit "
             "without verification, never in the lossless verdict).</p>"
-            f"<ul class=verdicts>{verdicts}</ul>" + html_table(table, "sweep-table", classes))
+            + verdicts + html_table(table, "sweep-table", classes))
 
 
 def html_report(df: pd.DataFrame | None, sources: list[str],
