@@ -7,6 +7,7 @@ people, choosing the format from the column name.
 
 from __future__ import annotations
 
+import json
 import math
 from numbers import Integral, Real
 
@@ -513,12 +514,11 @@ def records(table: pd.DataFrame) -> list[dict]:
             for row in table.itertuples(index=False, name=None)]
 
 
-def to_json(df: pd.DataFrame, sources: list[str], scan: pd.DataFrame | None = None,
+def to_json(df: pd.DataFrame | None, sources: list[str], scan: pd.DataFrame | None = None,
             policies: pd.DataFrame | None = None) -> str:
-    """The `lsbench-report/1` document (README, "JSON report"): settings, summary and sweep
-    tables of result rows, and the scan tables where scan files were given."""
-    import json
-
+    """The `lsbench-report/1` document (README, "HTML and JSON reports"): settings, summary
+    and sweep tables of result rows (None: scan files alone), and the scan tables where scan
+    files were given."""
     from lsbench import __version__
 
     doc = {"schema": JSON_SCHEMA, "lsbench_version": __version__, "sources": list(sources),
