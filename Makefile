@@ -30,6 +30,7 @@ test: lint
 sweep: setup
 	$(BIN)/lsbench sweep sweeps/quickstart.toml --out results/quickstart.parquet
 	$(BIN)/lsbench plot results/quickstart.parquet --out plots/
+	$(BIN)/lsbench report results/quickstart.parquet --format html --out results/quickstart.html
 
 bench-engine: setup
 	$(BIN)/python -m lsbench.benchmarks.bench

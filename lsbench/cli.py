@@ -93,6 +93,14 @@ DType = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 or a
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 MaxInput = Annotated[int | None, typer.Option(help="Article token budget; longer articles "
                      "are truncated.")]
+PromptFormat = Annotated[str | None, typer.Option(help="chat (the tokenizer's chat template), "
+                         "article-summary ('Article: ...\\nSummary:', the LayerSkip "
+                         "benchmark's) or plain (the article alone); default chat where the "
+                         "tokenizer has a template, else article-summary.")]
+NShot = Annotated[int | None, typer.Option(help="Prepend N examples with their reference "
+                  "summaries (the train split; the other examples where there is none).")]
+Stop = Annotated[list[str] | None, typer.Option(help="Stop string (repeatable): the output "
+                 "is cut at it; a one-token string also stops decoding.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Parquet results file "
                 "(default results/<name>.parquet).")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")]
@@ -101,6 +109,9 @@ Ray = Annotated[str | None, typer.Option(help="Run on a Ray cluster: local:N (N 
                 "this machine), auto or ADDRESS (an existing cluster); needs lsbench[cluster].")]
 DeviceMap = Annotated[str | None, typer.Option(help="Spread target and draft over devices "
                       "(accelerate): auto, balanced or FILE.json (module name -> device).")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="Decode "
+                    "through the compiled engine (torch.compile, compiled in warm-up; time "
+                    "in compile_s). Default: on for CUDA, off (eager) on CPU.")]
 Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N (every N-th "
                   "example, or batch with --batch-size), into <out>.shard-I-of-N.parquet; "
                   "combine with lsbench merge.")]
@@ -108,9 +119,10 @@ Shard = Annotated[str | None, typer.Option(help="I/N: measure only shard I of N 
 
 def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, model, dataset,
               limit, max_input_tokens, max_new_tokens, sample, temperature, top_p, top_k,
-              seed, dtype, device, threads):
+              seed, dtype, device, threads, prompt_format=None, n_shot=None, stop=None):
     """The file's settings with the command's options on top: the options every measuring
-    command shares (model, data, decoding, device) and the command's own `overrides`."""
+    command shares (model, data, prompt, decoding, device) and the command's own
+    `overrides`."""
     from lsbench.scenario.jobs import Settings
 
     s = Settings.from_file(file)
@@ -120,7 +132,9 @@ def _settings(file: Path | None, overrides: dict[tuple[str, str], object], *, mo
         ("decoding", "max_new_tokens"): max_new_tokens, ("decoding", "sample"): sample,
         ("decoding", "temperature"): temperature, ("decoding", "top_p"): top_p,
         ("decoding", "top_k"): top_k, ("decoding", "seed"): seed, ("", "dtype"): dtype,
-        ("", "device"): device, ("", "threads"): threads}
+        ("", "device"): device, ("", "threads"): threads,
+        ("data", "prompt_format"): prompt_format, ("data", "n_shot"): n_shot,
+        ("decoding", "stop"): stop or None}
     for (section, key), value in {**shared, **overrides}.items():
         s.override(section, key, value)
     return s
@@ -186,7 +200,9 @@ def _run_with_progress(job, store, path: Path, num_layers: int, force: bool, tit
     _quiet_libraries()
     err.print(f"[bold]{title}[/] {escape(job.model)} ({num_layers} layers) on "
               f"{escape(job.dataset.name)} x{job.dataset.limit}: {len(job.runs)} runs, "
-              f"in a shuffled order per example -> {escape(str(path))}", highlight=False)
+              f"in a shuffled order per example"
+              f"{', compiled engine' if job.compiled else ''} -> {escape(str(path))}",
+              highlight=False)
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                   TimeRemainingColumn(), console=err, transient=False) as progress:
@@ -238,6 +254,8 @@ def sweep(
     top_k: TopK = None, seed: Seed = None, dtype: DType = None, device: Device = None,
     max_input_tokens: MaxInput = None, threads: Threads = None, out: Out = None,
     force: Force = False, shard: Shard = None, ray: Ray = None, device_map: DeviceMap = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
+    compile_: Compile = None,
     top: Annotated[int | None, typer.Option(help="With --exit-layers auto: run lsbench scan "
                    "first and measure only its N best predicted points.")] = None,
 ) -> None:
@@ -249,10 +267,12 @@ def sweep(
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
             ("sweep", "strategies"): strategy or None, ("sweep", "repeats"): repeats,
-            ("sweep", "warmup"): warmup, ("sweep", "batch_sizes"): batch_size},
+            ("sweep", "warmup"): warmup, ("sweep", "compile"): compile_,
+            ("sweep", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         if s.get("sweep", "exit_layers") == "auto":
             if shard is not None or device_map is not None:
                 raise LsbenchError("--exit-layers auto scans first; drop --shard and "
@@ -287,7 +307,8 @@ def compare(
     temperature: Temperature = None, top_p: TopP = None, top_k: TopK = None, seed: Seed = None,
     dtype: DType = None, device: Device = None, max_input_tokens: MaxInput = None,
     threads: Threads = None, out: Out = None, force: Force = False, shard: Shard = None,
-    ray: Ray = None, device_map: DeviceMap = None,
+    ray: Ray = None, device_map: DeviceMap = None, compile_: Compile = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """A target model with draft models and early exit side by side (the blog's table)."""
     from lsbench.scenario.jobs import compare_job
@@ -298,10 +319,12 @@ def compare(
             ("compare", "early_exit"): ",".join(early_exit) if early_exit else None,
             ("compare", "num_speculations"): num_speculations,
             ("compare", "hf_reference"): hf_reference, ("compare", "repeats"): repeats,
-            ("compare", "warmup"): warmup, ("compare", "batch_sizes"): batch_size},
+            ("compare", "warmup"): warmup, ("compare", "compile"): compile_,
+            ("compare", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         if not s.get("", "name"):
             s.override("", "name", "compare")
         _measure(compare_job, s, out, force, "compare", shard, ray, device_map)
@@ -339,7 +362,8 @@ def scan(
     threads: Threads = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Scan file (default "
                    "results/<name>.scan.parquet; traces go to <out>.trace.parquet).")] = None,
-    ray: Ray = None,
+    ray: Ray = None, compile_: Compile = None,
+    prompt_format: PromptFormat = None, n_shot: NShot = None, stop: Stop = None,
 ) -> None:
     """Predict the whole exit-layer x k surface (greedy) from one teacher-forced pass per
     example: exact acceptance and rounds, and speedup priced with measured unit costs."""
@@ -347,10 +371,11 @@ def scan(
         s = _settings(sweep_file, {
             ("sweep", "exit_layers"): exit_layers, ("sweep", "num_speculations"): num_speculations,
             ("sweep", "repeats"): repeats, ("sweep", "warmup"): warmup,
-            ("sweep", "batch_sizes"): batch_size},
+            ("sweep", "compile"): compile_, ("sweep", "batch_sizes"): batch_size},
             model=model, dataset=dataset, limit=limit, max_input_tokens=max_input_tokens,
             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
-            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads)
+            top_k=top_k, seed=seed, dtype=dtype, device=device, threads=threads,
+            prompt_format=prompt_format, n_shot=n_shot, stop=stop)
         _scan(s, draft or [], thresholds, verify, out, pld=pld, ray_text=ray)
 
     _guarded(body, out)
@@ -591,26 +616,35 @@ def _print_path(path: Path) -> None:
 @app.command()
 def report(
     results: Results,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="md or csv.")] = "md",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="md, csv, html (one self-contained "
+                   "page: settings, every table, the plots, the lossless audit; needs --out) or "
+                   "json (the lsbench-report/1 document).")] = "md",
     table: Annotated[str, typer.Option(help="blog (the LayerSkip blog's table, correctly "
                      "labelled), summary (every statistic per run), sweep or batch "
                      "(aggregate throughput and speedup per batch size, with the "
-                     "crossover).")] = "blog",
+                     "crossover); md and csv only (html and json hold them all).")] = "blog",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to FILE instead of "
                    "stdout.")] = None,
 ) -> None:
-    """Tables from results files: Markdown for people, CSV for tools."""
+    """Tables from results files: Markdown for people, CSV for tools, an HTML page to share,
+    JSON for scripts."""
     from lsbench.reporting import report as rep
     from lsbench.results.store import read_results
 
     def body() -> None:
         from lsbench.reporting import scan_report
 
-        if fmt not in ("md", "csv"):
-            raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
+        if fmt not in FORMATS:
+            raise LsbenchError(f"unknown format '{fmt}'; choose {', '.join(FORMATS)}")
+        if fmt == "html" and out is None:
+            raise LsbenchError("--format html writes a file: give --out FILE.html")
         scans = [p for p in results if scan_report.is_scan_file(p)]
+        rest = [p for p in results if p not in scans]
+        if fmt in ("html", "json"):
+            _write_report(_document(fmt, rest, scans), out)
+            return
         if scans:  # scan files get the predicted surface and the adaptive-policy table
-            if len(scans) != len(results):
+            if rest:
                 raise LsbenchError("give either scan files or results files, not both")
             df = scan_report.read_scans(scans)
             render = rep.to_markdown if fmt == "md" else rep.to_csv
@@ -621,11 +655,8 @@ def report(
                     "batch": rep.batch_table}
         if table not in builders:
             raise LsbenchError(f"unknown table '{table}'; choose {', '.join(builders)}")
-        if fmt not in ("md", "csv"):
-            raise LsbenchError(f"unknown format '{fmt}'; choose md or csv")
         rows = read_results(results)
-        for line in rep.mixed_device_warnings(rows):
-            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        _warn_mixed_devices(rows)
         frame = builders[table](rows)
         text = rep.to_markdown(frame) if fmt == "md" else rep.to_csv(frame)
         _write_report(text, out)
@@ -633,13 +664,50 @@ def report(
     _guarded(body)
 
 
+FORMATS = ("md", "csv", "html", "json")
+
+
+def _warn_mixed_devices(rows) -> None:
+    from lsbench.reporting.report import mixed_device_warnings
+
+    for line in mixed_device_warnings(rows):
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _document(fmt: str, results: list[Path], scans: list[Path]) -> str:
+    """The HTML page or JSON document of results files and scan files (either may be empty)."""
+    from lsbench.reporting import scan_report
+    from lsbench.reporting.report import to_json
+    from lsbench.results.store import read_results
+
+    rows = read_results(results) if results else None
+    if rows is not None:
+        if rows.empty:
+            raise LsbenchError("the results files hold no rows")
+        _warn_mixed_devices(rows)
+    scan_rows = scan_report.read_scans(scans) if scans else None
+    sources = [str(p) for p in [*results, *scans]]
+    points = None if scan_rows is None else scan_report.scan_table(scan_rows)
+    policies = None if scan_rows is None else scan_report.policies(scan_rows)
+    if fmt == "json":
+        return to_json(rows, sources, points, policies)
+    from lsbench.reporting.html import html_report
+    from lsbench.reporting.scan_plots import scan_figures
+
+    scan = None if scan_rows is None else (points, policies, scan_figures(scan_rows, rows))
+    return html_report(rows, sources, scan)
+
+
 def _write_report(text: str, path: Path | None) -> None:
     if path is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        err.print(f"wrote {path}")
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise LsbenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+    err.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 @app.command()

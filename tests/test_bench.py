@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 
@@ -37,7 +39,22 @@ def test_cost_model_matches_design_layer_token_counts_when_compute_bound():
     assert unit.hf_early_exit_round(L, 16, K) / unit.layerskip_round(L, 16, K, defer=False) > 1.4
 
 
-def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, tmp_path, capsys):
+@pytest.fixture(params=["as built", "with a compiled engine"])
+def engine(request, monkeypatch) -> str:
+    """The engine as it is, and one whose compiled mode works (eager decoding marked
+    compiled), so that the compiled lines are checked whether or not the engine is built."""
+    if request.param != "as built":
+        real = bench.generate
+
+        def generate(*args, compiled=False, **kwargs):
+            return dataclasses.replace(real(*args, **kwargs), compiled=compiled)
+
+        monkeypatch.setattr(bench, "generate", generate)
+    return request.param
+
+
+def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, tmp_path, capsys,
+                                                               engine):
     data = write_jsonl(tmp_path / "articles.jsonl")
     code = bench.main(["--model", str(tiny_model_dir), "--dataset", f"jsonl:{data}",
                        "--prompts", "2", "--max-new-tokens", "8", "--k", "3",
@@ -52,6 +69,19 @@ def test_bench_runs_side_by_side_and_reports_identical_outputs(tiny_model_dir, t
     assert out.count("per round:") == 2 and "a ceiling of" in out
     assert "engine policy: default (lazy head, E/L deferral)" in out  # CPU: work unchanged
     assert out.count("deferral break-even: measured") == 2
+    # The compiled engine's lines, in their forms, or the reason it cannot run (not built yet)
+    forms = {"compiled ar vs eager ar": r"\d+\.\d\dx \(target > 1x\)",
+             "compiled ar vs hf-ar-compiled": r"\d+\.\d\dx \(target >= 1\.00x; goal 1\.20x\)",
+             "compiled layerskip vs eager layerskip at E=1 k=3": r"\d+\.\d\dx",
+             "ops per decoded token \\(ar\\)": r"eager \d+, compiled \d+ \(target M <= N / 5\)",
+             "compiled ar roofline": r"\d+% of copy bandwidth \(target >= 80%\)"}
+    unavailable = "compiled engine unavailable: " in out
+    assert not (unavailable and engine != "as built")
+    for line, form in forms.items():
+        tail = "compiled engine unavailable: .+" if unavailable else form
+        assert re.search(rf"^{line}: {tail}$", out, flags=re.M), line
+    if unavailable:  # transformers' compiled generate() is measured all the same
+        assert re.search(r"hf-ar-compiled \d+\.\d\d tok/s, eager ar \d+\.\d\d tok/s", out)
 
 
 @pytest.mark.parametrize("args", [["--exit-layers", "2,9"], ["--device", "tpu"]])

@@ -357,7 +357,7 @@ def test_plain_prompt_keeps_bos_but_drops_eos():
 def test_chat_template_prompt():
     tok = word_tokenizer(CHAT_TEMPLATE)
     prompt = build_prompt(tok, words(5), max_input_tokens=100)
-    assert prompt.format == "chat-template" and not prompt.truncated
+    assert prompt.format == "chat" and not prompt.truncated
     assert decoded(tok, prompt.ids) == f"<s> user: {INSTRUCTION} {words(5)} assistant:"
     assert prompt.ids.count(tok.bos_token_id) == 1  # the template's BOS only, not doubled
 

@@ -304,6 +304,22 @@ def test_cross_engine_column_pairs_each_strategy_with_its_transformers_counterpa
     assert not table.loc[("hf-ar", 0), "best"]
 
 
+def test_compiled_ar_pairs_with_transformers_compiled_generate():
+    rows = (_run_rows("ar", [1.0] * 3, base_ms=10.0, compiled=True)
+            + _run_rows("hf-ar", [1.0] * 3, base="hf-ar", base_ms=11.0, compiled=False)
+            + _run_rows("hf-ar-compiled", [11 / 8] * 3, base="hf-ar", base_ms=11.0,
+                        compiled=True))
+    vs = {r.strategy: r.vs_transformers for r in summarize(pd.DataFrame(rows)).itertuples()}
+    assert vs["ar"] == vs["hf-ar-compiled"] == pytest.approx(10 / 8)
+    assert math.isnan(vs["hf-ar"])
+    eager = [{**r, "compiled": False} for r in rows if r["strategy"] != "hf-ar-compiled"]
+    vs = {r.strategy: r.vs_transformers for r in summarize(pd.DataFrame(eager)).itertuples()}
+    assert vs["ar"] == vs["hf-ar"] == pytest.approx(10 / 11)
+    # files written before the compiled column pair as eager
+    old = [{k: v for k, v in r.items() if k != "compiled"} for r in eager]
+    assert summarize(pd.DataFrame(old)).vs_transformers.iloc[0] == pytest.approx(10 / 11)
+
+
 def test_lossless_verdict_is_the_worst_of_the_rows():
     rows = (_run_rows("ar", [1.0] * 3, lossless_verdict="exact")
             + _run_rows("layerskip", [1.0] * 3, exit_layer=2, k=3, lossless_verdict="near-tie")

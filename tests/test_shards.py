@@ -15,7 +15,8 @@ from tests.test_runner import KEY, plain, write_jsonl
 # Columns that legitimately differ between two measurements of the same generation.
 TIMING = {"prefill_s", "decode_s", "draft_s", "total_s", "tokens_per_s", "e2e_tokens_per_s",
           "ms_per_token", "baseline_ms_per_token", "speedup", "peak_mem_delta_bytes",
-          "achieved_gbps", "peak_gbps", "roofline_fraction", "timestamp",
+          "achieved_gbps", "peak_gbps", "roofline_fraction", "timestamp", "ttft_s", "tpot_s",
+          "itl_p50_s", "itl_p90_s", "itl_p99_s", "step_end_s",
           "batch_prefill_s", "batch_decode_s", "batch_tokens_per_s"}
 
 

@@ -21,6 +21,24 @@ compute, not weight reads, so where a (k+1)-token layer call costs little more t
 call its own ceiling is close to 1; the deferred last draft saves E one-token calls a round.
 `engine policy` says which verify head and deferral break-even the measured costs choose;
 the engine runs them off the CPU and keeps its default (lazy head, E/L) on the CPU.
+
+The compiled engine (`generate(..., compiled=True)`) is then measured the same way, against
+eager decoding and against `hf-ar-compiled` (transformers' generate() with its static cache
+and torch.compile), each compiled side compiled in an unmeasured warm-up first:
+
+    compiled ar vs eager ar: 1.23x (target > 1x)
+    compiled ar vs hf-ar-compiled: 1.05x (target >= 1.00x; goal 1.20x)
+    compiled layerskip vs eager layerskip at E=24 k=4: 1.20x
+    ops per decoded token (ar): eager N, compiled M (target M <= N / 5)
+    compiled ar roofline: X% of copy bandwidth (target >= 80%)
+
+Ops are the top-level aten operator calls torch.profiler records (an aten op called by another
+aten op is not counted again), per decoded token: the difference between two generations of
+different lengths, so the prefill cancels. The roofline is the weight bytes the compiled `ar`
+read per decode second against the device's copy bandwidth, as in the sweep's roofline column.
+Where the compiled engine cannot run (not built, or its compilation fails) those lines say
+`compiled engine unavailable: <reason>`, and hf-ar-compiled is still measured against eager ar.
+The first line decides lsbench's compile default on the CPU (`COMPILE_ON_CPU` in jobs.py).
 Bad input (unknown model, exit layer out of range) ends in one line on stderr and exit 1.
 """
 
@@ -33,9 +51,10 @@ from collections.abc import Callable
 
 from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
 from lsbench.backend.loading import load_model
-from lsbench.engine.generation import DecodingConfig
+from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import generate
-from lsbench.errors import run_main
+from lsbench.errors import LsbenchError, one_line, run_main
+from lsbench.scenario.accounting import WeightModel, count_weight_bytes, peak_gbps, roofline
 from lsbench.scenario.costs import (  # noqa: F401  (UnitCosts re-exported)
     UnitCosts,
     measure_unit_costs,
@@ -43,10 +62,12 @@ from lsbench.scenario.costs import (  # noqa: F401  (UnitCosts re-exported)
 )
 from lsbench.scenario.data import DatasetSpec, build_prompt, load_examples
 from lsbench.scenario.jobs import parse_int_list
-from lsbench.scenario.runner import stop_token_ids
+from lsbench.scenario.runner import is_compile_failure, stop_token_ids
 
 AR_TARGET, EXIT_TARGET, PLD_TARGET = 0.97, 1.25, 1.10
 TARGETS = {"ar": AR_TARGET, "layerskip": EXIT_TARGET, "pld": PLD_TARGET}
+COMPILED_EXIT = 24  # the compiled layerskip line's exit layer, where the model has one
+OPS_TOKENS = (4, 12)  # generation lengths whose operator counts are differenced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--compiled-exit-layer", type=int, default=None,
+                        help=f"E of the compiled layerskip line (default {COMPILED_EXIT}, or "
+                             "the middle of --exit-layers on a model without it)")
     args = parser.parse_args(argv)
 
     import transformers
@@ -76,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                          stop_token_ids=stop_token_ids(loaded))
     layers = parse_int_list(args.exit_layers, num_layers=model.num_layers)
     check_exit_layers(layers, model.num_layers, args.model)
+    compiled_exit = args.compiled_exit_layer or (
+        COMPILED_EXIT if model.num_layers > COMPILED_EXIT else layers[(len(layers) - 1) // 2])
+    check_exit_layers([compiled_exit], model.num_layers, args.model)
     pairs = [(("ar", None), ("hf-ar", None)), (("pld", None), ("hf-pld", None))]
     pairs += [(("layerskip", e), ("hf-early-exit", e)) for e in layers]
 
@@ -149,8 +176,105 @@ def main(argv: list[str] | None = None) -> int:
                   f"{policy.defer_threshold(e, L):.3f}, E/L {e / L:.3f}"
                   f" ({'measured' if adopted else 'E/L'} in use)")
         sys.stdout.flush()
+    lossless &= compiled_lines(model, prompts, cfg, args.k, compiled_exit, args.repeats,
+                               reference)
     print("greedy outputs identical to ar for every strategy:", "yes" if lossless else "NO")
     return 0 if lossless else 1
+
+
+Config = tuple[str, int | None, bool]  # (strategy, exit layer, compiled)
+
+
+def side_by_side(model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConfig,
+                 configs: list[Config], k: int, repeats: int, reference: dict[int, list[int]]
+                 ) -> tuple[dict[Config, float], dict[Config, Generation], bool]:
+    """Tokens/s of each configuration over all prompts (fastest repeat per prompt), their
+    order rotated per prompt; the fastest generation of each on the first prompt; whether
+    every output equals `reference`."""
+    best: dict[tuple, Generation] = {}
+    lossless = True
+    for _ in range(repeats):
+        for i, prompt in enumerate(prompts):
+            shift = i % len(configs)
+            for c in configs[shift:] + configs[:shift]:
+                gen = generate(c[0], model, prompt, cfg, k=k, exit_layer=c[1], compiled=c[2])
+                if (c, i) not in best or gen.decode_s < best[(c, i)].decode_s:
+                    best[(c, i)] = gen
+                if gen.tokens != reference[i]:
+                    lossless = False
+                    print(f"  MISMATCH: {_name(c)} differs from ar on prompt {i}")
+    tps = {c: sum(best[(c, i)].decode_tokens for i in range(len(prompts)))
+           / sum(best[(c, i)].decode_s for i in range(len(prompts))) for c in configs}
+    return tps, {c: best[(c, 0)] for c in configs}, lossless
+
+
+def _name(c: Config) -> str:
+    return f"{'compiled' if c[2] else 'eager'} {c[0]}" + (f" E={c[1]}" if c[1] else "")
+
+
+def _warm(model: EarlyExitModel, prompt: list[int], configs: list[Config], k: int) -> None:
+    """One short unmeasured generation per configuration: compilation happens here."""
+    for strategy, e, compiled in configs:
+        generate(strategy, model, prompt, DecodingConfig(max_new_tokens=8), k=k, exit_layer=e,
+                 compiled=compiled)
+
+
+def ops_per_token(model: EarlyExitModel, prompt: list[int], compiled: bool) -> float:
+    """Top-level aten operator calls per decoded token of `ar` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = []
+    for n in OPS_TOKENS:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            gen = generate("ar", model, prompt, DecodingConfig(max_new_tokens=n),
+                           compiled=compiled)
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                  and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+        counts.append((ops, gen.decode_tokens))
+    (ops_a, tok_a), (ops_b, tok_b) = counts
+    return (ops_b - ops_a) / (tok_b - tok_a)
+
+
+def compiled_lines(model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConfig, k: int,
+                   exit_layer: int, repeats: int, reference: dict[int, list[int]]) -> bool:
+    """The compiled engine's lines (see the module docstring); whether outputs equal ar's."""
+    eager_ar, compiled_ar = ("ar", None, False), ("ar", None, True)
+    hf_compiled: Config = ("hf-ar-compiled", None, False)  # compiled by transformers
+    eager_ls, compiled_ls = ("layerskip", exit_layer, False), ("layerskip", exit_layer, True)
+    _warm(model, prompts[0], [eager_ar, hf_compiled, eager_ls], k)
+    try:
+        _warm(model, prompts[0], [compiled_ar, compiled_ls], k)
+        unavailable = ""
+    except Exception as exc:  # the engine not built (LsbenchError) or its compilation failed
+        if not isinstance(exc, LsbenchError) and not is_compile_failure(exc):
+            raise
+        unavailable = f"compiled engine unavailable: {one_line(exc, 160)}"
+    configs = [eager_ar, hf_compiled] + ([compiled_ar] if not unavailable else [])
+    tps, gens, lossless = side_by_side(model, prompts, cfg, configs, k, repeats, reference)
+    if unavailable:
+        for line in ("compiled ar vs eager ar", "compiled ar vs hf-ar-compiled",
+                     f"compiled layerskip vs eager layerskip at E={exit_layer} k={k}",
+                     "ops per decoded token (ar)", "compiled ar roofline"):
+            print(f"{line}: {unavailable}")
+        print(f"{'':>16}(hf-ar-compiled {tps[hf_compiled]:.2f} tok/s, eager ar "
+              f"{tps[eager_ar]:.2f} tok/s: eager ar / hf-ar-compiled "
+              f"{tps[eager_ar] / tps[hf_compiled]:.2f}x)")
+        return lossless
+    print(f"compiled ar vs eager ar: {tps[compiled_ar] / tps[eager_ar]:.2f}x (target > 1x)")
+    print(f"compiled ar vs hf-ar-compiled: {tps[compiled_ar] / tps[hf_compiled]:.2f}x "
+          "(target >= 1.00x; goal 1.20x)")
+    ls_tps, _, ls_lossless = side_by_side(model, prompts, cfg, [eager_ls, compiled_ls], k,
+                                          repeats, reference)
+    print(f"compiled layerskip vs eager layerskip at E={exit_layer} k={k}: "
+          f"{ls_tps[compiled_ls] / ls_tps[eager_ls]:.2f}x")
+    eager_ops, compiled_ops = (ops_per_token(model, prompts[0], c) for c in (False, True))
+    print(f"ops per decoded token (ar): eager {eager_ops:.0f}, compiled {compiled_ops:.0f} "
+          f"(target M <= N / 5)")
+    gen = gens[compiled_ar]
+    weights = count_weight_bytes(WeightModel.from_model(model), gen.decode_counts)
+    _, fraction = roofline(weights, gen.decode_s, peak_gbps(str(model.device)))
+    print(f"compiled ar roofline: {fraction:.0%} of copy bandwidth (target >= 80%)")
+    return lossless and ls_lossless
 
 
 def run_timed(entry: Callable[[], int]) -> None:

@@ -33,8 +33,15 @@ def realistic_row(i: int, rng: random.Random) -> dict:
     row: dict = {}
     for name, typ, _ in COLUMNS:
         if pa.types.is_list(typ):
-            length = OUTPUT_IDS if name == "output_ids" else LAYERS
-            row[name] = [rng.randrange(50_000) for _ in range(length)]
+            # per token (output ids, ar's decode steps) or per layer
+            length = OUTPUT_IDS if name in ("output_ids", "step_end_s", "step_tokens") \
+                else LAYERS
+            if pa.types.is_string(typ.value_type):  # stop_strings: a few short texts
+                row[name] = [f"stop{rng.randrange(10)}" for _ in range(2)]
+            elif pa.types.is_floating(typ.value_type):
+                row[name] = sorted(rng.random() for _ in range(length))
+            else:
+                row[name] = [rng.randrange(50_000) for _ in range(length)]
         elif pa.types.is_string(typ):
             row[name] = f"{name}-{rng.randrange(10**6)}" + " text" * (60 if "text" in name else 0)
         elif pa.types.is_boolean(typ):

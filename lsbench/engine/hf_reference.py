@@ -1,10 +1,12 @@
-"""transformers' own `generate()` as a reference: `hf-ar`, `hf-assisted` (a draft model),
-`hf-early-exit` (`assistant_early_exit`) and `hf-pld` (`prompt_lookup_num_tokens`), timed and
-counted the way lsbench's loops are.
+"""transformers' own `generate()` as a reference: `hf-ar`, `hf-ar-compiled` (its static cache
+and torch.compile), `hf-assisted` (a draft model), `hf-early-exit` (`assistant_early_exit`) and
+`hf-pld` (`prompt_lookup_num_tokens`), timed and counted the way lsbench's loops are.
 
-Layer-token work is counted through forward hooks on the unmodified model, and a streamer
-marks the first new token so that prefill and decode split at the same point as in
-`strategies`.
+Layer-token work is counted through forward hooks on the unmodified model, from shapes and the
+cache's host-side lengths (never a device value: that would be a host sync per layer inside
+the timed call); `hf-ar-compiled` runs without hooks (they would be traced into its graph) and
+is counted from its token counts. A streamer marks the first new token so that prefill and
+decode split at the same point as in `strategies`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StaticCache
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 from lsbench.backend.early_exit import (
@@ -33,7 +36,11 @@ from lsbench.errors import LsbenchError
 if TYPE_CHECKING:  # batch.py imports strategies, which imports this module
     from lsbench.engine.batch import BatchGeneration
 
-HF_STRATEGIES = ("hf-ar", "hf-assisted", "hf-early-exit", "hf-pld")
+HF_STRATEGIES = ("hf-ar", "hf-ar-compiled", "hf-assisted", "hf-early-exit", "hf-pld")
+# hf-ar-compiled's static cache holds prompt + max_new_tokens rounded up to a multiple of this,
+# so that prompts of similar length decode with one compiled graph (transformers' default, a
+# cache of exactly prompt + max_new_tokens, would compile again for every prompt length).
+STATIC_CACHE_BUCKET = 256
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -119,32 +126,44 @@ def _neutral_models(models: list[torch.nn.Module], gen_cfg: GenerationConfig):
             m.generation_config = old
 
 
+def _cached_length(kwargs: dict, i: int) -> int | None:
+    """Tokens layer i's cache holds before a call, when the host knows it: a dynamic cache's
+    length is a shape (or a Python counter for sliding windows); None otherwise."""
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value")
+                  if kwargs.get(k) is not None), None)
+    layers = getattr(cache, "layers", None)
+    if not layers or i >= len(layers):
+        return None
+    length = layers[i].get_seq_length()
+    return length if isinstance(length, int) else None
+
+
 class CountingHooks:
-    """Counts layer-token evaluations of an unmodified transformers model via forward hooks."""
+    """Counts layer-token evaluations of an unmodified transformers model via forward hooks,
+    from shapes: a call's first position is the length its layer's cache holds (rolled back
+    by generate() after a rejected draft), read without touching device memory."""
 
     def __init__(self, model: EarlyExitModel):
         self.model = model
         self.handles = []
 
     def __enter__(self) -> CountingHooks:
-        m, counts = self.model, self.model.counts
+        m = self.model
         for i, layer in enumerate(m.backbone.layers):
             def pre(_mod, args, kwargs, i=i):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                pos = kwargs.get("position_ids")
-                n = hidden.shape[1]
-                start = int(pos[0, 0]) if pos is not None else 0
-                counts.layer_tokens[i] += n
-                counts.layer_calls[i] += 1
-                counts.attn_pairs[i] += attended_pairs(start, n, m.windows[i])
+                start = _cached_length(kwargs, i)
+                if start is None:  # no host-side length (never so with generate()'s caches)
+                    pos = kwargs.get("position_ids")
+                    start = int(pos[0, 0]) if pos is not None else 0
+                count_layer(m, i, start, hidden.shape[1])
             self.handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
 
         def head(_mod, args):
-            counts.head_tokens += args[0].shape[1]
-            counts.head_calls += 1
+            count_head(m, args[0].shape[1])
 
         def embed(_mod, args):
-            counts.embed_tokens += args[0].shape[1]
+            m.counts.embed_tokens += args[0].shape[1]
         self.handles.append(m.model.lm_head.register_forward_pre_hook(head))
         self.handles.append(m.backbone.embed_tokens.register_forward_pre_hook(embed))
         return self
@@ -154,11 +173,59 @@ class CountingHooks:
             h.remove()
 
 
+def count_layer(model: EarlyExitModel, i: int, start: int, n: int) -> None:
+    """Layer i evaluated n tokens at positions start.. (what one hooked call counts)."""
+    counts = model.counts
+    counts.layer_tokens[i] += n
+    counts.layer_calls[i] += 1
+    counts.attn_pairs[i] += attended_pairs(start, n, model.windows[i])
+
+
+def count_head(model: EarlyExitModel, rows: int) -> None:
+    model.counts.head_tokens += rows
+    model.counts.head_calls += 1
+
+
+def count_ar_forward(model: EarlyExitModel, start: int, n: int) -> None:
+    """One forward of generate()'s autoregressive loop over n tokens at positions start..:
+    every layer, and the LM head on the last row only (generate() keeps one row of logits)."""
+    model.counts.embed_tokens += n
+    for i in range(model.num_layers):
+        count_layer(model, i, start, n)
+    count_head(model, 1)
+
+
+def _static_committed_bytes(cache: StaticCache, length: int) -> int:
+    """Bytes the first `length` positions occupy in a static cache (a sliding layer holds at
+    most its window)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor) and t.numel():
+                per_position = t.numel() // t.shape[-2] * t.element_size()
+                total += per_position * min(length, t.shape[-2])
+    return total
+
+
+def _compiled_generation_config(gen_cfg: GenerationConfig, device: torch.device
+                                ) -> GenerationConfig:
+    """`gen_cfg` with generate()'s own torch.compile of the decoding forward: transformers'
+    CompileConfig defaults (inductor, mode reduce-overhead: CUDA graphs on CUDA). generate()
+    compiles only on accelerators unless its CompileConfig says all devices; it says so here,
+    so that hf-ar-compiled is compiled wherever it runs."""
+    gen_cfg = copy.deepcopy(gen_cfg)
+    gen_cfg.compile_config = CompileConfig()
+    if device.type != "cuda":
+        gen_cfg.compile_config._compile_all_devices = True
+    return gen_cfg
+
+
 @torch.inference_mode()
 def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
                 *, k: int = 4, exit_layer: int | None = None,
                 draft: EarlyExitModel | None = None) -> Generation:
-    """`hf-ar`, `hf-assisted`, `hf-early-exit` or `hf-pld` through model.generate()."""
+    """`hf-ar`, `hf-ar-compiled`, `hf-assisted`, `hf-early-exit` or `hf-pld` through
+    model.generate()."""
     extra: dict = {}
     early_exit = None
     if strategy == "hf-assisted":
@@ -181,12 +248,18 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     if len(padded):  # LM-head rows past the tokenizer: never chosen, as in lsbench's loops
         gen_cfg.suppress_tokens = list(padded)
     prompt = prompt_tensor(model, prompt_ids)
+    compiled = strategy == "hf-ar-compiled"
+    if compiled:  # the static cache generate() builds for cache_implementation="static"
+        gen_cfg = _compiled_generation_config(gen_cfg, model.device)
+        bucket = STATIC_CACHE_BUCKET
+        capacity = -(-(len(prompt_ids) + cfg.max_new_tokens) // bucket) * bucket
+        extra["cache"] = StaticCache(config=model.model.config, max_cache_len=capacity)
     models = [model] if draft is None else [model, draft]
     clock = _FirstTokenClock(model.device, models)
     torch.manual_seed(cfg.seed)
     start = [m.counts.copy() for m in models]
     with contextlib.ExitStack() as stack:
-        for m in models:
+        for m in models if not compiled else []:  # hooks would be traced into the graph
             stack.enter_context(CountingHooks(m))
         stack.enter_context(_neutral_models([m.model for m in models], gen_cfg))
         sync(model.device)
@@ -199,6 +272,14 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     tokens = output.sequences[0, prompt.shape[1]:].tolist()
     t1 = clock.first_at or t2
     first = clock.counts_at_first or [m.counts.copy() for m in models]
+    if compiled:  # what the hooks would have counted: a prefill, then one token a forward
+        count_ar_forward(model, 0, len(prompt_ids))
+        first = [model.counts.copy()]
+        for t in range(len(tokens) - 1):
+            count_ar_forward(model, len(prompt_ids) + t, 1)
+    cache = output.past_key_values
+    committed = (_static_committed_bytes(cache, len(prompt_ids) + len(tokens) - 1)
+                 if compiled else cache_bytes(cache))
     prefill_counts = [f.minus(s) for f, s in zip(first, start, strict=True)]
     decode_counts = [m.counts.minus(f) for m, f in zip(models, first, strict=True)]
     return Generation(
@@ -206,9 +287,9 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
         prefill_counts=prefill_counts[0], decode_counts=decode_counts[0],
         draft_prefill_counts=prefill_counts[1] if draft else None,
         draft_decode_counts=decode_counts[1] if draft else None,
-        kv_cache_bytes=cache_bytes(output.past_key_values),
-        kv_cache_capacity_bytes=cache_capacity_bytes(output.past_key_values),
+        kv_cache_bytes=committed, kv_cache_capacity_bytes=cache_capacity_bytes(cache),
         step_end_s=[at - t1 for at in clock.step_at], step_tokens=clock.step_tokens,
+        compiled=compiled,
     )
 
 

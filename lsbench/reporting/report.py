@@ -7,6 +7,7 @@ people, choosing the format from the column name.
 
 from __future__ import annotations
 
+import json
 import math
 from numbers import Integral, Real
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lsbench.errors import LsbenchError
+from lsbench.scenario.latency import ITL_PERCENTILES, token_gaps
 
 EARLY_EXIT = ("layerskip", "hf-early-exit")
 DRAFT_MODEL = ("spec", "hf-assisted")
@@ -23,16 +25,26 @@ LOSSY = ("exit",)
 GROUP_KEYS = ["model", "strategy", "draft_model", "exit_layer", "num_speculations", "dataset",
               "do_sample", "run_id"]
 # Constant within a run; carried into the summary so that tables need not go back to the rows.
-CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params"]
+CARRIED = ["is_baseline", "model_num_layers", "model_params", "draft_num_layers", "draft_params",
+           "compiled"]
 SPREAD = ["tokens_per_s", "ms_per_token", "speedup"]  # median with p25/p75
 MEDIANS = ["flops_prefill", "flops_per_output_token", "prefill_s", "draft_s", "achieved_gbps",
            "peak_gbps", "roofline_fraction", "batch_tokens_per_s"]
 NONE = "—"
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over examples, seeded: CIs are reproducible
 BOOTSTRAP_SEED = 0
-# lsbench's strategy -> transformers' counterpart, for the cross-engine column
+# lsbench's strategy -> transformers' counterpart, for the cross-engine column; compiled `ar`
+# pairs with transformers' compiled generate() (its assisted loops cannot be compiled)
 COUNTERPART = {"ar": "hf-ar", "layerskip": "hf-early-exit", "spec": "hf-assisted",
                "pld": "hf-pld"}
+COMPILED_COUNTERPART = {"ar": "hf-ar-compiled"}
+
+
+def counterpart(strategy: str, compiled: object) -> str | None:
+    """transformers' run an lsbench run is compared with (`compiled`: the row's engine)."""
+    if not pd.isna(compiled) and bool(compiled) and strategy in COMPILED_COUNTERPART:
+        return COMPILED_COUNTERPART[strategy]
+    return COUNTERPART.get(strategy)
 
 
 def _group_keys(df: pd.DataFrame) -> list[str]:
@@ -112,7 +124,7 @@ def _cross_engine(summary: pd.DataFrame) -> pd.Series:
     blocks = [k for k in ("source_file", "model", "dataset", "do_sample") if k in summary]
     for _, g in summary.groupby(blocks, sort=False, dropna=False):
         for i, row in g.iterrows():
-            other = COUNTERPART.get(row["strategy"])
+            other = counterpart(row["strategy"], row.get("compiled", pd.NA))
             if other is None:
                 continue
             match = g[(g["strategy"] == other) & (g["exit_layer"] == row["exit_layer"])
@@ -136,11 +148,29 @@ def _rounds_total(g: pd.DataFrame, col: str) -> float:
     return float(s.sum()) if s.notna().any() else math.nan
 
 
+def _latency_ms(g: pd.DataFrame) -> dict[str, float]:
+    """ttft_ms and tpot_ms (medians over the rows) and itl_p<q>_ms, percentiles of the inter-
+    token latencies of all the run's tokens pooled (as serving benchmarks report them), from
+    the raw steps; the median of the rows' itl_p<q>_s where the raw lists are absent."""
+    out = {"ttft_ms": 1000 * _numeric(g, "ttft_s").median(),
+           "tpot_ms": 1000 * _numeric(g, "tpot_s").median()}
+    gaps: list[float] = []
+    raw = {"step_end_s", "step_tokens"} <= set(g.columns)
+    for ends, counts in zip(g["step_end_s"], g["step_tokens"], strict=True) if raw else ():
+        if not (ends is None or ends is pd.NA or isinstance(ends, float)):  # null: old files
+            gaps += token_gaps(list(ends), list(counts))
+    for q in ITL_PERCENTILES:
+        out[f"itl_p{q}_ms"] = (1000 * float(np.percentile(gaps, q)) if gaps
+                               else 1000 * _numeric(g, f"itl_p{q}_s").median())
+    return out
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run. Columns: the group keys, CARRIED, lossy, n, `<m>_median/_p25/_p75` for
     tokens_per_s, ms_per_token and speedup, acceptance_rate (sum accepted / sum drafted, so
     rounds that drafted nothing do not count), rounds and rounds_without_draft (sums),
-    mean_accepted_len, rougeL, agreement and match_rate (means), flops_prefill,
+    mean_accepted_len, rougeL, agreement and match_rate (means), the latencies in ms
+    (`_latency_ms`: ttft_ms, tpot_ms, itl_p50/p90/p99_ms), flops_prefill,
     flops_per_output_token, prefill_s, draft_s, achieved_gbps, peak_gbps and
     roofline_fraction and batch_tokens_per_s (medians); batch_size; the speedup estimators
     (`_speedup_estimates`): speedup_example_median with speedup_ci_low/high, time_ratio,
@@ -185,6 +215,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         rec["match_rate"] = _match_rate(g)
         for col in MEDIANS:
             rec[col] = _numeric(g, col).median()
+        rec.update(_latency_ms(g))
         rec.update(_speedup_estimates(g))
         rec["baseline_strategy"] = g["baseline_strategy"].iloc[0]
         rec.update(_verdicts(g))
@@ -456,7 +487,8 @@ def format_cell(column: str, value) -> str:
         return _sig(value)
     if "flops" in name:
         return f"{value:.3g}"
-    if name.startswith("ms") or "tokens/s" in name or "tokens_per_s" in name:
+    if name.startswith("ms") or name.endswith("_ms") or "tokens/s" in name \
+            or "tokens_per_s" in name:
         return f"{value:.2f}"
     if "s/input" in name or "prefill_s" in name:
         return _sig(value)
@@ -491,3 +523,82 @@ def to_markdown(table: pd.DataFrame) -> str:
 def to_csv(table: pd.DataFrame) -> str:
     """Raw values, full precision: for spreadsheets and scripts, not for reading."""
     return table.to_csv(index=False, lineterminator="\n")
+
+
+# --- settings and JSON ----------------------------------------------------------------------
+
+JSON_SCHEMA = "lsbench-report/1"
+# What the rows say the job ran with, and what it ran on: one value when every row agrees,
+# else the sorted distinct values. Per-run choices (strategy, E, k) are the tables' columns.
+SETTING_COLUMNS = ["sweep_name", "sweep_file", "dataset", "dataset_split", "dataset_fingerprint",
+                   "max_new_tokens", "max_input_tokens", "do_sample", "temperature", "top_k",
+                   "top_p", "seed", "prompt_format", "n_shot", "stop_strings", "compiled"]
+ENVIRONMENT = ["lsbench_version", "git_commit", "torch_version", "transformers_version",
+               "device", "device_name", "dtype", "threads", "host", "device_map"]
+
+
+def plain(value):
+    """A cell as JSON has it: Python numbers, strings, bools and lists; None for missing and
+    non-finite numbers (JSON has no NaN)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, Integral):
+        return int(value)
+    if isinstance(value, Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+def _distinct(series: pd.Series):
+    seen: dict[str, object] = {}
+    for v in series:
+        p = plain(v)
+        if p is not None and p != "":
+            seen.setdefault(repr(p), p)
+    values = sorted(seen.values(), key=str)
+    return None if not values else values[0] if len(values) == 1 else values
+
+
+def run_settings(df: pd.DataFrame) -> dict[str, dict]:
+    """`settings` (SETTING_COLUMNS), `environment` (ENVIRONMENT) and `counts` (rows, runs,
+    examples, repeats, the first and last measurement's UTC time) of result rows."""
+    if df.empty:
+        raise LsbenchError("no rows to report")
+    pick = {c: _distinct(df[c]) if c in df.columns else None for c in SETTING_COLUMNS}
+    env = {c: _distinct(df[c]) if c in df.columns else None for c in ENVIRONMENT}
+    stamps = sorted(t for t in df.get("timestamp", pd.Series(dtype=str)).dropna() if t)
+    counts = {"rows": len(df), "runs": int(df["run_id"].nunique()),
+              "examples": int(df["example_id"].nunique()) if "example_id" in df else None,
+              "repeats": int(df["repeat"].max()) + 1 if "repeat" in df else None,
+              "first_measured": stamps[0] if stamps else None,
+              "last_measured": stamps[-1] if stamps else None}
+    return {"settings": pick, "environment": env, "counts": counts}
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    """Table rows as JSON objects, the column names as keys, in column order."""
+    cols = [str(c) for c in table.columns]
+    return [dict(zip(cols, map(plain, row), strict=True))
+            for row in table.itertuples(index=False, name=None)]
+
+
+def to_json(df: pd.DataFrame | None, sources: list[str], scan: pd.DataFrame | None = None,
+            policies: pd.DataFrame | None = None) -> str:
+    """The `lsbench-report/1` document (README, "HTML and JSON reports"): settings, summary
+    and sweep tables of result rows (None: scan files alone), and the scan tables where scan
+    files were given."""
+    from lsbench import __version__
+
+    doc = {"schema": JSON_SCHEMA, "lsbench_version": __version__, "sources": list(sources),
+           **({"settings": None, "environment": None, "counts": None} if df is None
+              else run_settings(df)),
+           "warnings": [] if df is None else mixed_device_warnings(df),
+           "summary": None if df is None else records(summarize(df)),
+           "sweep": None if df is None else records(sweep_table(df)),
+           "scan": None if scan is None else records(scan),
+           "policies": None if policies is None else records(policies)}
+    return json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False) + "\n"

@@ -37,11 +37,13 @@ def sweep_renderables(df: pd.DataFrame) -> list[Table | str]:
             t.add_column(header, justify="left" if c == "run" else "right")
         for _, row in rows.iterrows():
             label = {"ar": "autoregressive (baseline)",
-                     "hf-ar": "autoregressive (transformers baseline)"}.get(row["strategy"],
-                                                                           row["draft"])
+                     "hf-ar": "autoregressive (transformers baseline)",
+                     "hf-ar-compiled": "autoregressive, compiled"}.get(row["strategy"],
+                                                                       row["draft"])
             if row["strategy"].startswith("hf-") and row["strategy"] != "hf-ar":
                 label = f"{label} (transformers)"
-            cells = [label, "—" if row["strategy"] in ("ar", "hf-ar", "exit") else str(row["k"])]
+            no_k = ("ar", "hf-ar", "hf-ar-compiled", "exit")
+            cells = [label, "—" if row["strategy"] in no_k else str(row["k"])]
             cells += [format_cell(c, row[c]) for c in cols[2:-1]]
             if row["speedup 95% CI"] != "—" and row["strategy"] not in ("ar", "hf-ar"):
                 cells[3] += f" [{row['speedup 95% CI']}]"

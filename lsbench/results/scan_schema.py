@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from lsbench.results.schema import ENVIRONMENT_COLUMNS
 
-SCAN_SCHEMA_VERSION = 2  # 2: host and worker
+SCAN_SCHEMA_VERSION = 3  # 3: compiled; 2: host and worker
 SCAN_METADATA_KEY = b"lsbench-scan"
 
 _ENV = [
@@ -62,6 +62,8 @@ SCAN_COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "last layer, over the positions whose verdict the replay used: a near-tie when tiny"),
     ("trace_ar_mismatches", pa.int64(), "positions where the teacher-forced last layer's "
      "argmax differs from the incremental greedy output (floating-point near-ties)"),
+    ("compiled", pa.bool_(), "the engine the scan measured its baseline and round overhead "
+     "with, and the one --verify times: compiled (--compile) or eager"),
     ("baseline_ms_per_token", pa.float64(), "measured autoregressive decode ms/token, same "
      "example, same process"),
     ("predicted_ar_ms_per_token", pa.float64(), "the cost model's autoregressive ms/token "

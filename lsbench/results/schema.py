@@ -6,7 +6,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 4  # 3: kv_cache_bytes counts committed tokens, kv_cache_capacity_bytes;
-# 4: batch_size, batch_id, batch_*_s, batch_tokens_per_s, peak_gflops
+# 4: latency (ttft_s, tpot_s, itl_p*_s and the raw step_end_s, step_tokens), prompt settings
+# (n_shot, stop_strings), compiled, compile_s and the engine policy (eager_head,
+# defer_threshold, device_loop); batch_size, batch_id, batch_*_s, batch_tokens_per_s,
+# peak_gflops
 # Columns of older versions that this one no longer has: dropped when such a file is read.
 # (Columns an older file lacks are read as nulls.)
 REMOVED_COLUMNS = {"peak_mem_bytes", "peak_mem_reserved_bytes"}  # version 1
@@ -29,8 +32,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "stable hash of everything that defines the run (resume key)"),
     ("sweep_name", pa.string(), "name of the sweep or compare job"),
     ("sweep_file", pa.string(), "sweep file the run came from, empty when none"),
-    ("strategy", pa.string(), "ar | spec | layerskip | pld | exit | hf-ar | hf-assisted | "
-     "hf-early-exit | hf-pld"),
+    ("strategy", pa.string(), "ar | spec | layerskip | pld | exit | hf-ar | hf-ar-compiled | "
+     "hf-assisted | hf-early-exit | hf-pld"),
     ("is_baseline", pa.bool_(), "true for an autoregressive baseline: ar (lsbench) or hf-ar "
      "(transformers)"),
     ("model", pa.string(), "target model as given (embedded name, hub id, directory, .gguf)"),
@@ -42,6 +45,15 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("draft_params", pa.int64(), "parameters of the draft model (0 when none)"),
     ("exit_layer", pa.int64(), "early-exit layer E for layerskip/hf-early-exit/exit, 0 otherwise"),
     ("num_speculations", pa.int64(), "draft tokens per round k, 0 for autoregressive and exit"),
+    # the engine that ran (null in files of schema version 3 and older)
+    ("compiled", pa.bool_(), "true: compiled forwards (lsbench's compiled engine with "
+     "--compile, or hf-ar-compiled's torch.compile); false: eager"),
+    ("eager_head", pa.bool_(), "lsbench's speculative loops: the verify head computed every "
+     "row at once (else lazily, row 0 first); false for other strategies"),
+    ("defer_threshold", pa.float64(), "lsbench's speculative loops: the measured break-even "
+     "of deferring the last draft; NaN when the E/L rule decided (and for other strategies)"),
+    ("device_loop", pa.bool_(), "lsbench's speculative loops: greedy rounds kept on the device "
+     "with one transfer per round (CUDA); false otherwise"),
     ("dataset", pa.string(), "dataset name"),
     ("dataset_split", pa.string(), "split (hub datasets)"),
     ("dataset_fingerprint", pa.string(), "hash of the selected examples' text"),
@@ -62,7 +74,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("top_p", pa.float64(), "nucleus filter, 1.0 off"),
     ("seed", pa.int64(), "seed of the sampler"),
     ("max_new_tokens", pa.int64(), "generation budget"),
-    ("prompt_format", pa.string(), "chat-template or 'Article: ...\\nSummary:'"),
+    ("prompt_format", pa.string(), "chat (the tokenizer's chat template), article-summary "
+     "('Article: ...\\nSummary:', the LayerSkip benchmark's) or plain (the article alone); "
+     "chat-template in files of schema version 3 and older"),
+    ("n_shot", pa.int64(), "examples with their reference summaries before the evaluated "
+     "article (--n-shot)"),
+    ("stop_strings", pa.list_(pa.string()), "--stop texts: output_text is cut at the first; "
+     "one-token ones also stop decoding"),
     ("max_input_tokens", pa.int64(), "article token budget before truncation"),
     ("prompt_tokens", pa.int64(), "tokens in the prompt"),
     ("article_truncated", pa.bool_(), "whether the article was cut to max_input_tokens"),
@@ -74,10 +92,18 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
+    ("step_end_s", pa.list_(pa.float64()), "end of each decode step after the first token "
+     "(a round of a speculative loop, a token of ar/exit, a streamer callback of hf-*), in "
+     "seconds since the first token: the raw data of tpot_s and itl_*"),
+    ("step_tokens", pa.list_(pa.int64()), "tokens each decode step emitted (sums to "
+     "decode_tokens)"),
     ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
      "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
     ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
      "design (exit); never part of a lossless verdict"),
+    ("compile_s", pa.float64(), "compiled runs: wall seconds of the run's first warm-up "
+     "generation in this process (compilation, graph capture and one short generation; small "
+     "when an earlier run compiled the same graphs), never part of a timed run; 0 for eager"),
     ("batch_prefill_s", pa.float64(), "seconds the row's batch took up to every row's first "
      "new token (prefill_s at batch size 1)"),
     ("batch_decode_s", pa.float64(), "seconds from the batch's first new tokens until its last "
@@ -103,6 +129,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("tokens_per_s", pa.float64(), "decode_tokens / decode_s"),
     ("e2e_tokens_per_s", pa.float64(), "new_tokens / total_s (prefill included)"),
     ("ms_per_token", pa.float64(), "1000 * decode_s / decode_tokens"),
+    ("ttft_s", pa.float64(), "time to first token: prompt to first new token (= prefill_s)"),
+    ("tpot_s", pa.float64(), "time per output token after the first: decode_s / "
+     "decode_tokens"),
+    ("itl_p50_s", pa.float64(), "median inter-token latency: each token's time since the "
+     "previous emission, so a step of n tokens gives one gap and n - 1 zeros (README, "
+     "Latency); NaN without decode tokens"),
+    ("itl_p90_s", pa.float64(), "90th percentile of the same inter-token latencies"),
+    ("itl_p99_s", pa.float64(), "99th percentile of the same inter-token latencies"),
     ("acceptance_rate", pa.float64(), "accepted drafts / drafted tokens (NaN without drafts)"),
     ("mean_accepted_len", pa.float64(), "tokens emitted per round incl. the bonus; 1.0 for AR"),
     ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),

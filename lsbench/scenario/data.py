@@ -17,8 +17,8 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -27,7 +27,11 @@ from lsbench.errors import LsbenchError, one_line
 DATASETS: tuple[str, ...] = ("cnn_dailymail", "xsum", "lee-news", "wiki-lead")
 JSONL_PREFIX = "jsonl:"
 INSTRUCTION = "Summarize the following article."
-PLAIN_TEMPLATE = "Article: {article}\nSummary:"
+PLAIN_TEMPLATE = "Article: {article}\nSummary:"  # the LayerSkip benchmark's prompt
+# How a prompt is written (`--prompt-format`): "" picks chat where the tokenizer has a chat
+# template, else article-summary.
+PROMPT_FORMATS = ("chat", "article-summary", "plain")
+SHOT_SEED = 0  # n-shot examples: the same ones whatever the evaluated selection's seed
 
 _LEE_FILE = "lee_background.cor"
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -62,7 +66,7 @@ class Example:
 @dataclass(frozen=True)
 class Prompt:
     ids: list[int]
-    format: str  # "chat-template" or "article-summary"
+    format: str  # one of PROMPT_FORMATS
     truncated: bool  # article was cut to the token budget
 
 
@@ -390,26 +394,116 @@ def _jsonl(path: str) -> tuple[Example, ...]:
 # --- prompts ---------------------------------------------------------------------------------
 
 
-def build_prompt(tokenizer, article: str, max_input_tokens: int) -> Prompt:
+def check_prompt_format(fmt: str, n_shot: int = 0) -> None:
+    """Refuse an unknown format, a negative shot count, or shots in the plain format."""
+    if fmt and fmt not in PROMPT_FORMATS:
+        raise LsbenchError(f"unknown prompt format {fmt!r}; choose {', '.join(PROMPT_FORMATS)}")
+    if n_shot < 0:
+        raise LsbenchError(f"n_shot must be >= 0, got {n_shot}")
+    if n_shot and fmt == "plain":
+        raise LsbenchError("n-shot examples need a format that marks where a summary goes: "
+                           "chat or article-summary, not plain")
+
+
+def load_shots(spec: DatasetSpec, n_shot: int, examples: Sequence[Example]
+               ) -> list[tuple[Example, ...]]:
+    """For each evaluated example, `n_shot` examples with their reference summaries, never the
+    example itself. Hub datasets draw them from their train split; the embedded corpora and
+    jsonl files have none and draw them from their other examples. The pool is ordered by a
+    permutation seeded with SHOT_SEED and does not depend on the evaluated selection, so an
+    example gets the same shots whatever --limit or --seed select."""
+    if n_shot == 0:
+        return [() for _ in examples]
+    if spec.name in _HUB:
+        if spec.data_files is not None and not Path(spec.data_files).is_dir():
+            raise LsbenchError(f"cannot load the train split of {spec.name!r} for n-shot "
+                               f"examples: data_files {spec.data_files} is one file, one "
+                               "split; give the folder that holds the train files")
+        train = replace(spec, split="train", limit=n_shot + 1, seed=SHOT_SEED)
+        try:
+            pool = _load_hub(train, _HUB[spec.name])
+        except LsbenchError as exc:
+            raise LsbenchError(f"n-shot examples come from the train split: {exc}") from None
+    else:
+        corpus = (_lee_news() if spec.name == "lee-news" else _wiki_lead()
+                  if spec.name == "wiki-lead" else _jsonl(spec.name[len(JSONL_PREFIX):]))
+        pool = [corpus[i] for i in _selection(len(corpus), len(corpus), SHOT_SEED)]
+    pool = [e for e in pool if e.reference]
+    shots = []
+    for ex in examples:
+        own = [e for e in pool if e.example_id != ex.example_id and e.article != ex.article]
+        if len(own) < n_shot:
+            raise LsbenchError(f"dataset {spec.name!r} has {len(own)} other example(s) with a "
+                               f"reference summary, fewer than n_shot = {n_shot}")
+        shots.append(tuple(own[:n_shot]))
+    return shots
+
+
+def _cut(tokenizer, article: str, max_input_tokens: int) -> tuple[str, bool]:
+    ids = tokenizer.encode(article, add_special_tokens=False)
+    if len(ids) <= max_input_tokens:
+        return article, False
+    return tokenizer.decode(ids[:max_input_tokens]), True
+
+
+def build_prompt(tokenizer, article: str, max_input_tokens: int, *, fmt: str = "",
+                 shots: Sequence[Example] = ()) -> Prompt:
     """Token ids of a summarization prompt for `article`, cut to `max_input_tokens` article
-    tokens first. Uses the tokenizer's chat template when it has one (instruct models answer
-    badly without it), else the plain "Article: ...\\nSummary:" completion prompt."""
+    tokens first (each shot's article too). Formats (PROMPT_FORMATS): `chat`, the tokenizer's
+    chat template (instruct models answer badly without it; shots are earlier user/assistant
+    turns); `article-summary`, the completion prompt "Article: ...\nSummary:" of the
+    LayerSkip benchmark (shots are earlier article/summary pairs); `plain`, the article
+    alone. "" picks chat where the tokenizer has a template, else article-summary."""
     if max_input_tokens < 1:
         raise LsbenchError(f"max_input_tokens must be at least 1, got {max_input_tokens}")
-    article_ids = tokenizer.encode(article, add_special_tokens=False)
-    truncated = len(article_ids) > max_input_tokens
-    if truncated:
-        article = tokenizer.decode(article_ids[:max_input_tokens])
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\n{article}"}]
+    check_prompt_format(fmt, len(shots))
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    fmt = fmt or ("chat" if has_template else "article-summary")
+    article, truncated = _cut(tokenizer, article, max_input_tokens)
+    pairs = [(_cut(tokenizer, e.article, max_input_tokens)[0], e.reference or "")
+             for e in shots]
+    if fmt == "chat":
+        if not has_template:
+            raise LsbenchError("prompt format 'chat' needs a tokenizer with a chat template; "
+                               "this one has none: use article-summary or plain")
+        messages = []
+        for shot, summary in pairs:
+            messages += [{"role": "user", "content": f"{INSTRUCTION}\n\n{shot}"},
+                         {"role": "assistant", "content": summary}]
+        messages.append({"role": "user", "content": f"{INSTRUCTION}\n\n{article}"})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                              tokenize=False)
         # the template writes its own BOS/special tokens; adding them again would double them
         ids = tokenizer.encode(text, add_special_tokens=False)
-        return Prompt(ids=list(ids), format="chat-template", truncated=truncated)
-    ids = list(tokenizer.encode(PLAIN_TEMPLATE.format(article=article), add_special_tokens=True))
+        return Prompt(ids=list(ids), format=fmt, truncated=truncated)
+    if fmt == "plain":
+        text = article
+    else:
+        text = "".join(PLAIN_TEMPLATE.format(article=shot) + f" {summary}\n\n"
+                       for shot, summary in pairs) + PLAIN_TEMPLATE.format(article=article)
+    ids = list(tokenizer.encode(text, add_special_tokens=True))
     # keep the BOS a base model expects, but a prompt must not end in EOS
     eos = getattr(tokenizer, "eos_token_id", None)
     if len(ids) > 1 and eos is not None and ids[-1] == eos:
         ids.pop()
-    return Prompt(ids=ids, format="article-summary", truncated=truncated)
+    return Prompt(ids=ids, format=fmt, truncated=truncated)
+
+
+def build_prompts(tokenizer, spec: DatasetSpec, examples: Sequence[Example],
+                  max_input_tokens: int, fmt: str = "", n_shot: int = 0) -> list[Prompt]:
+    """build_prompt for every example, with its `load_shots` shots."""
+    check_prompt_format(fmt, n_shot)
+    return [build_prompt(tokenizer, ex.article, max_input_tokens, fmt=fmt, shots=shots)
+            for ex, shots in zip(examples, load_shots(spec, n_shot, examples), strict=True)]
+
+
+def stop_string_ids(tokenizer, stops: Sequence[str]) -> tuple[int, ...]:
+    """Token ids of the stop strings that are one token: the engine stops on them."""
+    ids = [tokenizer.encode(s, add_special_tokens=False) for s in stops]
+    return tuple(dict.fromkeys(i[0] for i in ids if len(i) == 1))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (the stop string left out)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]

@@ -10,11 +10,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lsbench.backend.early_exit import check_exit_layers
 from lsbench.backend.loading import resolve_device, resolve_dtype
 from lsbench.engine.generation import DecodingConfig
 from lsbench.errors import LsbenchError
-from lsbench.scenario.data import DatasetSpec
+from lsbench.scenario.data import DatasetSpec, check_prompt_format
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +40,7 @@ class RunSpec:
 
     @property
     def _label(self) -> str:
-        if self.strategy in ("ar", "hf-ar"):
+        if self.strategy in ("ar", "hf-ar", "hf-ar-compiled"):
             return self.strategy
         if self.strategy in LOOKUP:
             return f"{self.strategy} k={self.num_speculations}"
@@ -74,7 +76,7 @@ def with_baselines(runs: list[RunSpec]) -> list[RunSpec]:
 
 # transformers' assisted generation (assistant model, assistant_early_exit, prompt lookup) is
 # batch 1 only; lsbench's loops and generate()'s plain decoding (hf-ar) take batches.
-BATCH_ONE_ONLY = ("hf-assisted", "hf-early-exit", "hf-pld")
+BATCH_ONE_ONLY = ("hf-assisted", "hf-early-exit", "hf-pld", "hf-ar-compiled")
 
 
 def batch_sizes(s: Settings, section: str) -> list[int]:
@@ -93,7 +95,8 @@ def batched(runs: list[RunSpec], sizes: list[int]) -> list[RunSpec]:
         if refused:
             raise LsbenchError(f"{', '.join(refused)} cannot run at batch size "
                                f"{max(sizes)}: transformers' assisted generation is batch 1 "
-                               "only; use lsbench's own loops (layerskip, spec, pld) or "
+                               "only (and hf-ar-compiled's static cache one row); use "
+                               "lsbench's own loops (layerskip, spec, pld), --no-compile or "
                                "--batch-size 1")
     return [replace(r, batch_size=b) for b in sizes for r in runs]
 LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit layer
@@ -101,6 +104,13 @@ LOOKUP = ("pld", "hf-pld")  # prompt lookup: swept over k, no model and no exit 
 # (over k) and early exit without verification (over E; lossy).
 SWEEP_STRATEGIES = ("layerskip", "hf-early-exit", "pld", "hf-pld", "exit")
 PLD_DRAFT = "pld"  # `compare --draft pld`: prompt lookup, a pseudo-draft that loads no model
+# transformers' generate() with its static cache and torch.compile: the compiled peer of `ar`,
+# measured by `compare --hf-reference` when the job runs the compiled engine.
+HF_COMPILED = RunSpec("hf-ar-compiled")
+# The compile default off CUDA (on CUDA the compiled engine is the default). `make
+# bench-engine` decides it: its "compiled ar vs eager ar" line on this project's CPU; until the
+# compiled engine beats eager decoding there, the CPU runs eager.
+COMPILE_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,19 @@ class JobSpec:
     device: str = "auto"
     sweep_file: str = ""
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    prompt_format: str = ""  # data.PROMPT_FORMATS; "" picks by the tokenizer (build_prompt)
+    n_shot: int = 0  # examples with their references before the evaluated article
+    stop_strings: tuple[str, ...] = ()  # generation ends at these texts (README: --stop)
+    compiled: bool = False  # lsbench's loops run the compiled engine (--compile)
+
+    def engine_compiled(self, run: RunSpec) -> bool:
+        """Whether `run` goes through lsbench's compiled engine: transformers' references
+        (hf-*) run transformers' own code and never do."""
+        return self.compiled and not run.strategy.startswith("hf-")
+
+    def compiles(self, run: RunSpec) -> bool:
+        """Whether `run` compiles in warm-up: lsbench's compiled engine or hf-ar-compiled."""
+        return self.engine_compiled(run) or run == HF_COMPILED
 
     def run_id(self, run: RunSpec) -> str:
         """Stable hash of what makes a measurement comparable (resume key)."""
@@ -132,7 +155,13 @@ class JobSpec:
             del spec["batch_size"]
         key = {"model": self.model, "revision": self.revision, "dataset": dataset,
                "decoding": asdict(self.decoding), "max_input_tokens": self.max_input_tokens,
-               "dtype": self.dtype, "device": self.device, "run": spec}
+               "dtype": self.dtype, "device": self.device, "run": spec,
+               # compiled and eager rows of one run are two measurements, never resumed as one
+               "compiled": self.engine_compiled(run)}
+        # The prompt settings join the key only when set, so default jobs keep their run ids.
+        prompt = {"prompt_format": self.prompt_format, "n_shot": self.n_shot,
+                  "stop_strings": list(self.stop_strings)}
+        key.update({k: v for k, v in prompt.items() if v})
         blob = json.dumps(key, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -186,12 +215,13 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 _SECTIONS = {
     "": {"name", "model", "revision", "dtype", "device", "threads", "data", "decoding", "sweep",
          "compare"},
-    "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files"},
-    "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed"},
-    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup",
+    "data": {"dataset", "split", "revision", "limit", "seed", "max_input_tokens", "data_files",
+             "prompt_format", "n_shot"},
+    "decoding": {"max_new_tokens", "sample", "temperature", "top_k", "top_p", "seed", "stop"},
+    "sweep": {"exit_layers", "num_speculations", "strategies", "repeats", "warmup", "compile",
               "batch_sizes"},
     "compare": {"drafts", "early_exit", "num_speculations", "repeats", "warmup", "hf_reference",
-                "batch_sizes"},
+                "compile", "batch_sizes"},
 }
 
 
@@ -310,10 +340,20 @@ def base_job(s: Settings, runs: list[RunSpec], section: str) -> JobSpec:
     if threads is not None and threads < 1:
         raise LsbenchError(f"threads must be >= 1, got {threads}")
     name = s.typed("", "name", str) or (Path(s.source).stem if s.source else "sweep")
+    fmt, n_shot = s.typed("data", "prompt_format", str, ""), s.typed("data", "n_shot", int, 0)
+    check_prompt_format(fmt, n_shot)
+    stops = s.typed("decoding", "stop", list, [])
+    if not all(isinstance(t, str) and t for t in stops):
+        raise LsbenchError(f"stop strings must be non-empty texts, got {stops!r}")
+    compiled = s.typed(section, "compile", bool)
+    if compiled is None:
+        compiled = torch.device(device).type == "cuda" or COMPILE_ON_CPU
     return JobSpec(name=name, model=model, dataset=dataset_spec(s), decoding=decoding_config(s),
                    runs=tuple(runs), revision=s.typed("", "revision", str),
                    max_input_tokens=max_input_tokens, repeats=repeats, warmup=warmup,
-                   dtype=dtype, device=device, sweep_file=s.source, threads=threads)
+                   dtype=dtype, device=device, sweep_file=s.source, threads=threads,
+                   prompt_format=fmt, n_shot=n_shot, stop_strings=tuple(dict.fromkeys(stops)),
+                   compiled=compiled)
 
 
 def _speculations(s: Settings, section: str, default: list[int],
@@ -362,7 +402,8 @@ def sweep_job(s: Settings, num_layers: int) -> JobSpec:
 
 def compare_job(s: Settings, num_layers: int) -> JobSpec:
     """Draft models against early exit: baseline + spec per draft (pld for the pseudo-draft
-    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference."""
+    `pld`) + layerskip per layer, and transformers' counterparts with hf_reference (with the
+    compiled engine also hf-ar-compiled, compiled ar's counterpart)."""
     drafts = s.typed("compare", "drafts", list, [])
     if not all(isinstance(d, str) and d for d in drafts):
         raise LsbenchError(f"drafts must be model names, got {drafts!r}")
@@ -384,7 +425,10 @@ def compare_job(s: Settings, num_layers: int) -> JobSpec:
             runs += [RunSpec("hf-assisted", 0, k, d) for d in drafts]
             runs += [RunSpec("hf-pld", 0, k)] if lookup else []
             runs += [RunSpec("hf-early-exit", e, k) for e in layers]
-    return base_job(s, batched(with_baselines(runs), batch_sizes(s, "compare")), "compare")
+    job = base_job(s, with_baselines(runs), "compare")
+    if hf and job.compiled:  # compiled ar's peer: transformers' own compiled generate()
+        job = replace(job, runs=(*job.runs[:2], HF_COMPILED, *job.runs[2:]))
+    return replace(job, runs=tuple(batched(list(job.runs), batch_sizes(s, "compare"))))
 
 
 

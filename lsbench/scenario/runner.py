@@ -20,6 +20,7 @@ import math
 import platform
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from lsbench.engine.batch import BATCHED_STRATEGIES, BatchGeneration, generate_b
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.hf_reference import generate_hf_batch
 from lsbench.engine.strategies import LOSSY, generate
-from lsbench.errors import LsbenchError
+from lsbench.errors import LsbenchError, one_line
 from lsbench.results.schema import SCHEMA_VERSION
 from lsbench.results.store import ResultStore
 from lsbench.scenario.accounting import (
@@ -51,8 +52,17 @@ from lsbench.scenario.accounting import (
     weight_bytes,
 )
 from lsbench.scenario.costs import calibrate
-from lsbench.scenario.data import Example, Prompt, build_prompt, check_dataset, load_examples
+from lsbench.scenario.data import (
+    Example,
+    Prompt,
+    build_prompts,
+    check_dataset,
+    cut_at_stop,
+    load_examples,
+    stop_string_ids,
+)
 from lsbench.scenario.jobs import JobSpec, RunSpec, baseline_of, is_baseline
+from lsbench.scenario.latency import latency_columns
 from lsbench.scenario.quality import (
     first_mismatch,
     logit_gap,
@@ -125,12 +135,13 @@ def load_job_models(job: JobSpec, device_map: str | None = None) -> _Loaded:
                    peak_gflops(str(adapter.device), adapter.dtype))
 
 
-def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+def stop_token_ids(loaded: LoadedModel, stop_strings: Iterable[str] = ()) -> tuple[int, ...]:
+    """EOS ids of the model and its tokenizer, then the stop strings that are one token."""
     ids: list[int] = []
     for value in (getattr(loaded.model.generation_config, "eos_token_id", None),
                   loaded.tokenizer.eos_token_id):
         ids += value if isinstance(value, list) else [value] if value is not None else []
-    return tuple(dict.fromkeys(ids))
+    return tuple(dict.fromkeys([*ids, *stop_string_ids(loaded.tokenizer, list(stop_strings))]))
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -163,18 +174,57 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def _generate(loaded: _Loaded, run: RunSpec, prompt: list[int], cfg: DecodingConfig) -> Generation:
+# Where torch.compile's failures come from: dynamo (tracing, guards, the backend call, e.g.
+# BackendCompilerFailed) and inductor (lowering, its C++/Triton compilers, e.g. CppCompileError).
+COMPILE_ERROR_MODULES = ("torch._dynamo", "torch._inductor")
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is torch.compile's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith(COMPILE_ERROR_MODULES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def engine_generate(strategy: str, model: EarlyExitModel, prompt: list[int], cfg: DecodingConfig,
+                    *, compiled: bool = False, compiles: bool = False, **kwargs) -> Generation:
+    """`generate()`; where the run compiles (`compiles`: lsbench's compiled engine, `compiled`
+    passed on, or hf-ar-compiled), a compilation failure becomes one line naming --no-compile
+    instead of a traceback (rows already stored stay: the runner stores whole units)."""
+    if not compiles:
+        return generate(strategy, model, prompt, cfg, compiled=compiled, **kwargs)
+    try:
+        return generate(strategy, model, prompt, cfg, compiled=compiled, **kwargs)
+    except Exception as exc:
+        if isinstance(exc, LsbenchError) or not is_compile_failure(exc):
+            raise
+        raise LsbenchError(f"compiling {strategy} failed ({type(exc).__name__}: "
+                           f"{one_line(exc, 200)}); rerun with --no-compile to measure the "
+                           "eager engine") from None
+
+
+def _generate(prepared: PreparedJob, run: RunSpec, prompt: list[int], cfg: DecodingConfig
+              ) -> Generation:
+    job, loaded = prepared.job, prepared.loaded
     draft = loaded.drafts[run.draft_model][1] if run.draft_model else None
-    return generate(run.strategy, loaded.adapter, prompt, cfg, k=run.num_speculations or 4,
-                    exit_layer=run.exit_layer or None, draft=draft)
+    return engine_generate(run.strategy, loaded.adapter, prompt, cfg,
+                           compiled=job.engine_compiled(run), compiles=job.compiles(run),
+                           k=run.num_speculations or 4, exit_layer=run.exit_layer or None,
+                           draft=draft)
 
 
-def _generate_batch(loaded: _Loaded, run: RunSpec, prompts: list[list[int]],
+def _generate_batch(prepared: PreparedJob, run: RunSpec, prompts: list[list[int]],
                     cfg: DecodingConfig) -> BatchGeneration:
     """One batch of one run. Batch size 1 keeps the batch-1 engine (`generate`), so its rows
     are exactly what they were before batching existed."""
+    loaded = prepared.loaded
     if run.batch_size == 1:
-        gens = [_generate(loaded, run, p, cfg) for p in prompts]
+        gens = [_generate(prepared, run, p, cfg) for p in prompts]
         return BatchGeneration(gens, sum(g.prefill_s for g in gens),
                                sum(g.decode_s for g in gens))
     if run.strategy == "hf-ar":
@@ -185,7 +235,7 @@ def _generate_batch(loaded: _Loaded, run: RunSpec, prompts: list[list[int]],
     draft = loaded.drafts[run.draft_model][1] if run.draft_model else None
     return generate_batch(run.strategy, loaded.adapter, prompts, cfg,
                           k=run.num_speculations or 4, exit_layer=run.exit_layer or None,
-                          draft=draft)
+                          draft=draft, compiled=prepared.job.engine_compiled(run))
 
 
 @dataclass(frozen=True)
@@ -228,6 +278,8 @@ class PreparedJob:
     env: dict  # environment(...) metadata of THIS process
     loaded: _Loaded  # target (+ drafts) loaded once
     reference: torch.nn.Module | None = None  # float32 twin of the target, made on demand
+    # Per compiling run: wall seconds of its first warm-up generation here (see warm_up).
+    compile_s: dict[RunSpec, float] = field(default_factory=dict)
 
 
 def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
@@ -237,9 +289,10 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
     examples, fingerprint = load_examples(job.dataset)
     loaded = load_job_models(job, device_map)
     tokenizer = loaded.target.tokenizer
-    prompts = [build_prompt(tokenizer, ex.article, job.max_input_tokens) for ex in examples]
+    prompts = build_prompts(tokenizer, job.dataset, examples, job.max_input_tokens,
+                            job.prompt_format, job.n_shot)
     cfg = DecodingConfig(**{**job.decoding.__dict__,
-                            "stop_token_ids": stop_token_ids(loaded.target)})
+                            "stop_token_ids": stop_token_ids(loaded.target, job.stop_strings)})
     env = {**environment(loaded.adapter.device, loaded.adapter.dtype),
            "device_map": device_map or ""}
     return PreparedJob(job, examples, prompts, fingerprint, cfg, env, loaded)
@@ -253,7 +306,12 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
     """`job.warmup` short, unmeasured generations of every run before any timing. Off the
     CPU it first calibrates the speculative engine at each k (`costs.calibrate`: the verify
     head's shape and the deferral from measured unit costs); on the CPU the engine keeps its
-    default policy (lazy head, E/L deferral), which is what the CPU's costs favour."""
+    default policy (lazy head, E/L deferral), which is what the CPU's costs favour.
+
+    A run that compiles (`JobSpec.compiles`) warms up at least once whatever `job.warmup`
+    says, so that compilation and graph capture never fall inside a timed run; the wall time
+    of its first warm-up generation is its `compile_s` (compiling, capturing and one short
+    generation; little for a run whose graphs an earlier run of the process compiled)."""
     cfg, runs = prepared.cfg, list(runs)
     adapter = prepared.loaded.adapter
     if adapter.device.type != "cpu":
@@ -261,16 +319,21 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
             calibrate(adapter, k, prepared.prompts[0].ids)
     warm_cfg = DecodingConfig(**{**cfg.__dict__,
                                  "max_new_tokens": min(cfg.max_new_tokens, WARMUP_TOKENS)})
+    job = prepared.job
     for run in dict.fromkeys(runs):
+        compiles = job.compiles(run)
         # A batched run warms up on a whole batch: its kernels see the batch's shapes.
         prompts = [p.ids for p in prepared.prompts[:run.batch_size]]
-        for _ in range(prepared.job.warmup):
+        for i in range(max(job.warmup, 1) if compiles else job.warmup):
             if on_run is not None:
                 on_run(run)
+            t0 = time.perf_counter()
             if run.batch_size == 1:
-                _generate(prepared.loaded, run, prompts[0], warm_cfg)
+                _generate(prepared, run, prompts[0], warm_cfg)
             else:
-                _generate_batch(prepared.loaded, run, prompts, warm_cfg)
+                _generate_batch(prepared, run, prompts, warm_cfg)
+            if compiles and i == 0:
+                prepared.compile_s[run] = time.perf_counter() - t0
 
 
 def pending_units(job: JobSpec, example_ids: list[str], done: set[tuple[str, str, int]]
@@ -323,7 +386,7 @@ def measure_unit(prepared: PreparedJob, unit: Batch | int, repeat: int,
         if all((rid, ex, repeat) in done for ex in ids):
             continue
         before = start_memory_window(loaded.adapter.device)
-        bgen = _generate_batch(loaded, run, prompts, prepared.cfg)
+        bgen = _generate_batch(prepared, run, prompts, prepared.cfg)
         measured[run] = (position, bgen, peak_memory_delta(loaded.adapter.device, before))
         if on_run is not None:
             on_run(run)
@@ -588,7 +651,9 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
     ex, prompt = prepared.examples[index], prepared.prompts[index]
     target = loaded.target
     draft = loaded.drafts[run.draft_model] if run.draft_model else None
-    text = target.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    # Stop strings cut the text after the run (README: --stop); ids and timings stay as run.
+    text = cut_at_stop(target.tokenizer.decode(gen.tokens, skip_special_tokens=True),
+                       job.stop_strings)
     reference = baseline if reference is None and not (
         is_baseline(run) and run.batch_size != 1) else reference
     base_ids = reference["output_ids"] if reference else None
@@ -608,8 +673,10 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
         "do_sample": job.decoding.do_sample, "temperature": job.decoding.temperature,
         "top_k": job.decoding.top_k, "top_p": job.decoding.top_p, "seed": job.decoding.seed,
         "max_new_tokens": job.decoding.max_new_tokens, "prompt_format": prompt.format,
+        "n_shot": job.n_shot, "stop_strings": list(job.stop_strings),
         "max_input_tokens": job.max_input_tokens, "prompt_tokens": len(prompt.ids),
         "article_truncated": prompt.truncated, "lossy": run.strategy in LOSSY,
+        "compile_s": prepared.compile_s.get(run, math.nan) if job.compiles(run) else 0.0,
         "output_ids": gen.tokens, "output_text": text,
         **_timing_columns(gen, baseline),
         **_batch_columns(run, *batch, gen),
@@ -630,7 +697,8 @@ def _row(prepared: PreparedJob, run: RunSpec, index: int, repeat: int, position:
 
 
 def _timing_columns(gen: Generation, baseline: dict | None) -> dict:
-    """Tokens and wall times, the rates derived from them, and the speedup on the baseline."""
+    """Tokens and wall times, the rates and latencies derived from them, and the speedup on
+    the baseline."""
     total_s = gen.prefill_s + gen.decode_s
     ms_per_token = _ms_per_token(gen)
     base_ms = baseline["ms_per_token"] if baseline else None
@@ -642,6 +710,8 @@ def _timing_columns(gen: Generation, baseline: dict | None) -> dict:
         "ms_per_token": ms_per_token,
         "baseline_ms_per_token": base_ms if base_ms is not None else math.nan,
         "speedup": base_ms / ms_per_token if base_ms and ms_per_token else math.nan,
+        **latency_columns(gen.prefill_s, gen.decode_s, gen.decode_tokens, gen.step_end_s,
+                          gen.step_tokens),
     }
 
 
@@ -653,7 +723,7 @@ def _round_columns(gen: Generation, run: RunSpec, decoding: DecodingConfig) -> d
         hist[a] += 1
     if gen.drafted:  # lsbench's speculative loops
         rounds = len(gen.drafted)
-    elif run.strategy in ("ar", "hf-ar", "exit"):
+    elif run.strategy in ("ar", "hf-ar", "hf-ar-compiled", "exit"):
         rounds = gen.decode_tokens
     else:  # generate()'s assisted loop: one target forward through the last layer per round
         rounds = gen.decode_counts.layer_calls[-1]
@@ -661,6 +731,10 @@ def _round_columns(gen: Generation, run: RunSpec, decoding: DecodingConfig) -> d
     hf = run.strategy.startswith("hf-")  # transformers' loop: drafting is not observable
     return {
         "draft_s": math.nan if hf else gen.draft_s, "rounds": rounds,
+        "compiled": gen.compiled,
+        "eager_head": gen.eager_head,
+        "defer_threshold": math.nan if gen.defer_threshold is None else gen.defer_threshold,
+        "device_loop": gen.device_loop,
         "drafted_per_round": gen.drafted, "accepted_per_round": gen.accepted,
         "accept_hist": hist,
         "rounds_without_draft": None if hf else _rounds_without_draft(gen, decoding),

@@ -29,7 +29,6 @@ import torch
 from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
 from lsbench.engine.batch import BATCHED_STRATEGIES
 from lsbench.engine.generation import DecodingConfig, Generation
-from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
 from lsbench.results.scan_schema import (
     SCAN_COLUMNS,
@@ -39,7 +38,7 @@ from lsbench.results.scan_schema import (
     arrow_schema,
 )
 from lsbench.scenario.costs import CostTable, measure_cost_table, with_draft_costs
-from lsbench.scenario.data import build_prompt, load_examples
+from lsbench.scenario.data import build_prompts, load_examples
 from lsbench.scenario.jobs import (
     BASELINE,
     JobSpec,
@@ -52,6 +51,7 @@ from lsbench.scenario.jobs import (
 from lsbench.scenario.replay import Replay, replay, replay_pld
 from lsbench.scenario.runner import (
     ProgressEvent,
+    engine_generate,
     environment,
     load_job_models,
     stop_token_ids,
@@ -404,10 +404,10 @@ def prepare_scan(spec: ScanSpec, emit: Callable[[ProgressEvent], None] = lambda 
                  for d in spec.drafts)
     loaded = load_job_models(dataclasses.replace(job, runs=(BASELINE, *runs)))
     model = loaded.adapter
-    prompts = [build_prompt(loaded.target.tokenizer, ex.article, job.max_input_tokens)
-               for ex in examples]
+    prompts = build_prompts(loaded.target.tokenizer, job.dataset, examples,
+                            job.max_input_tokens, job.prompt_format, job.n_shot)
     cfg = DecodingConfig(**{**job.decoding.__dict__,
-                            "stop_token_ids": stop_token_ids(loaded.target)})
+                            "stop_token_ids": stop_token_ids(loaded.target, job.stop_strings)})
     session = ScanSession(
         spec, examples, fingerprint, prompts, model,
         {name: entry[1] for name, entry in loaded.drafts.items()}, cfg,
@@ -415,16 +415,24 @@ def prepare_scan(spec: ScanSpec, emit: Callable[[ProgressEvent], None] = lambda 
         (spec.exit_layers[len(spec.exit_layers) // 2], min(4, max(spec.ks))))
     warm = DecodingConfig(**{**cfg.__dict__, "max_new_tokens": min(cfg.max_new_tokens, 16)})
     calib_e, calib_k = session.calib
-    for _ in range(max(job.warmup, 1)):
+    for _ in range(max(job.warmup, 1)):  # at least once: a compiled engine compiles here
         emit(ProgressEvent("warmup", 0, len(examples), "ar"))
-        generate("ar", model, prompts[0].ids, warm)
-        generate("layerskip", model, prompts[0].ids, warm, k=calib_k, exit_layer=calib_e)
+        _generate(session, "ar", prompts[0].ids, warm)
+        _generate(session, "layerskip", prompts[0].ids, warm, k=calib_k, exit_layer=calib_e)
     return session
+
+
+def _generate(session: ScanSession, strategy: str, prompt: list[int], cfg: DecodingConfig,
+              **kwargs) -> Generation:
+    """A measured generation of the scan, with the engine (compiled or eager) of its job."""
+    compiled = session.spec.job.compiled
+    return engine_generate(strategy, session.model, prompt, cfg, compiled=compiled,
+                           compiles=compiled, **kwargs)
 
 
 def _measure(session: ScanSession, i: int) -> _Measured:
     model, prompt, cfg = session.model, session.prompts[i], session.cfg
-    ar = generate("ar", model, prompt.ids, cfg)
+    ar = _generate(session, "ar", prompt.ids, cfg)
     out = ar.tokens
     traces = exit_traces(model, prompt.ids, out)
     d_traces = {name: draft_trace(d, prompt.ids, out) for name, d in session.drafts.items()}
@@ -442,8 +450,8 @@ def calibrate_scan(session: ScanSession) -> None:
         return
     first = _measure(session, 0)
     calib_e, calib_k = session.calib
-    gen = generate("layerskip", session.model, session.prompts[0].ids, session.cfg, k=calib_k,
-                   exit_layer=calib_e)
+    gen = _generate(session, "layerskip", session.prompts[0].ids, session.cfg, k=calib_k,
+                    exit_layer=calib_e)
     rep = replay_point(Point("layerskip", calib_k, calib_e), first.ar.tokens, first.traces,
                        first.draft_traces, session.cfg)
     session.round_overhead = fit_round_overhead(first.costs, gen, rep, calib_e).round
@@ -467,7 +475,7 @@ def scan_example(session: ScanSession, i: int) -> tuple[list[dict], list[dict]]:
                 "model_num_layers": model.num_layers, "dataset": job.dataset.name,
                 "dataset_fingerprint": session.fingerprint, "example_id": ex.example_id,
                 "example_index": i, "max_new_tokens": cfg.max_new_tokens,
-                "prompt_tokens": len(prompt.ids)}
+                "prompt_tokens": len(prompt.ids), "compiled": job.compiled}
     stamp = {**session.env, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(
         timespec="seconds")}
     rows = [{**identity, **row, **stamp} for row in predict_rows(
