@@ -106,3 +106,15 @@ def test_batch_figures_one_line_per_setting_inside_the_canvas() -> None:
     for name, fig in figures.items():
         assert _text_outside_canvas(fig) == [], name
     assert "speedup_vs_batch_size" not in sweep_figures(batch_rows(sizes=(1,)))
+
+
+def test_html_report_has_a_block_per_batch_size_and_the_batch_table() -> None:
+    from lsbench.reporting.html import html_report
+
+    page = html_report(batch_rows(), ["batch.parquet"])
+    assert '<a href="#batch">batch</a>' in page and "<h2 id=batch>Batch sizes</h2>" in page
+    for b in SIZES:
+        assert f"<h3>m on d at batch size {b}</h3>" in page
+    assert "crossover: early exit @ layer 2, k=2 is faster" in page
+    plain_page = html_report(batch_rows(sizes=(1,)), ["one.parquet"])
+    assert "id=batch" not in plain_page and "<h3>m on d</h3>" in plain_page

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from lsbench import __version__
 from lsbench.reporting.plots import compare_figures, sweep_figures
 from lsbench.reporting.report import (
+    batch_table,
     blog_table,
     draft_label,
     format_cell,
@@ -160,8 +161,11 @@ def _sweep_section(df: pd.DataFrame) -> str:
     table = sweep_table(df)
     classes = ["best" if b else "lossy" if lossy else ""
                for b, lossy in zip(table["best"], table["lossy"], strict=True)]
-    # sweep_renderables makes one rich table per block in this order, each followed by its lines.
-    titles = iter(f"{m} on {d}" for (m, d), _ in table.groupby(["model", "dataset"], sort=False))
+    # sweep_renderables makes one rich table per block in this order, each followed by its lines
+    # (a block per batch size when there are several).
+    batched = _batched(table)
+    titles = iter(f"{m} on {d}" + (f" at batch size {b}" if batched else "")
+                  for (m, d, b), _ in table.groupby(["model", "dataset", "batch"], sort=False))
     blocks: list[tuple[str, list[str]]] = []
     for item in sweep_renderables(df):
         if isinstance(item, str):
@@ -177,6 +181,18 @@ def _sweep_section(df: pd.DataFrame) -> str:
             "over examples. Green: best lossless run per model; yellow: lossy (early exit "
             "without verification, never in the lossless verdict).</p>"
             + verdicts + html_table(table, "sweep-table", classes))
+
+
+def _batched(table: pd.DataFrame) -> bool:
+    return table["batch"].nunique() > 1 or bool((table["batch"] != 1).any())
+
+
+def _batch_section(df: pd.DataFrame) -> str:
+    """`report --table batch` with its crossover, when several batch sizes were measured."""
+    return ("<h2 id=batch>Batch sizes</h2><p>Aggregate throughput (all rows' new tokens / batch "
+            "decode time), against the same setting at batch 1, and the speedup on ar of the "
+            "same batches; crossover: the largest batch size still faster than ar.</p>"
+            + html_table(batch_table(df), "batch-table"))
 
 
 def html_report(df: pd.DataFrame | None, sources: list[str],
@@ -198,6 +214,9 @@ def html_report(df: pd.DataFrame | None, sources: list[str],
             parts.append("<ul class=verdicts>" + "".join(
                 f"<li><b>warning:</b> {html.escape(w)}</li>" for w in warnings) + "</ul>")
         parts.append(_sweep_section(df))
+        if _batched(sweep_table(df)):
+            nav.insert(nav.index("sweep") + 1, "batch")
+            parts.append(_batch_section(df))
         parts.append("<h2 id=blog>The LayerSkip blog's table</h2><p>FLOPs and seconds in "
                      "separate columns (the blog's \"FLOPs/Input\" columns were times).</p>"
                      + html_table(blog_table(df), "blog-table"))
