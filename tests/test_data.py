@@ -366,12 +366,35 @@ def test_limit_must_be_positive(jsonl_30):
 # --- check_dataset -------------------------------------------------------------------------
 
 
-def test_check_dataset_accepts_known_names_and_existing_jsonl(jsonl_30):
+def test_check_dataset_accepts_known_names_and_existing_jsonl_loading_nothing(
+        jsonl_30, monkeypatch, tmp_path):
+    import datasets
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("check_dataset loaded data")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_loading)
+    for loader in ("_lee_news", "_wiki_lead", "_jsonl", "_load_hub"):
+        monkeypatch.setattr(data, loader, no_loading)
+    checked = []
     for name in DATASETS:
         if name in ("lee-news", "wiki-lead") and importlib.util.find_spec("gensim") is None:
             continue
-        check_dataset(name)
+        assert check_dataset(name) is None
+        checked.append(name)
+    assert {"cnn_dailymail", "xsum"} <= set(checked)
     check_dataset(jsonl_30)
+    # the file is what was checked: gone, the same name is refused
+    Path(jsonl_30[len("jsonl:"):]).unlink()
+    with pytest.raises(LsbenchError, match="dataset file not found"):
+        check_dataset(jsonl_30)
+    # gensim's corpora are accepted without gensim when its data folder is named
+    monkeypatch.setenv(data.GENSIM_DATA_ENV, str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    check_dataset("lee-news")
+    monkeypatch.delenv(data.GENSIM_DATA_ENV)
+    with pytest.raises(LsbenchError, match="needs gensim"):
+        check_dataset("lee-news")
 
 
 @pytest.mark.parametrize("name, message", [

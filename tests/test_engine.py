@@ -205,13 +205,23 @@ def test_sampling_preserves_the_target_distribution(cfg):
             drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
         if name != "ar":  # the test must exercise both acceptance and rejection
             assert 0 < accepted < drafted, name
+        assert len(counts) > 1, name  # sampled, not greedy: many outputs
         assert _chi_square_p(counts, exact, n) > 1e-3, name
 
 
-def test_sampling_is_reproducible_for_a_seed(target):
-    cfg = DecodingConfig(max_new_tokens=12, do_sample=True, seed=5)
-    a = generate("layerskip", target, PROMPT, cfg, k=3, exit_layer=2).tokens
-    assert a == generate("layerskip", target, PROMPT, cfg, k=3, exit_layer=2).tokens
+@pytest.mark.parametrize("name, kwargs", [("ar", {}), ("layerskip", {"k": 3, "exit_layer": 2})])
+def test_sampling_is_reproducible_for_a_seed_and_not_greedy(target, name, kwargs):
+    """One seed, one output; but across seeds the outputs vary and leave greedy's, which a
+    silently greedy sampler would not."""
+    greedy = generate(name, target, PROMPT, DecodingConfig(max_new_tokens=12), **kwargs).tokens
+    outputs = []
+    for seed in range(5):
+        cfg = DecodingConfig(max_new_tokens=12, do_sample=True, seed=seed)
+        a = generate(name, target, PROMPT, cfg, **kwargs).tokens
+        assert a == generate(name, target, PROMPT, cfg, **kwargs).tokens
+        outputs.append(tuple(a))
+    assert len(set(outputs)) > 1
+    assert tuple(greedy) not in outputs
 
 
 # --- supported architectures -----------------------------------------------------------------
