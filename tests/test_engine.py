@@ -14,7 +14,11 @@ from lsbench.backend.early_exit import EarlyExitModel, check_architecture
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import defer_last_draft, generate, generate_speculative
 from lsbench.errors import LsbenchError
-from tests.conftest import replay_deferrals, tiny_model
+from tests.conftest import (
+    assert_sampling_is_seeded_and_not_greedy,
+    replay_deferrals,
+    tiny_model,
+)
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
 GREEDY = DecodingConfig(max_new_tokens=24)
@@ -209,19 +213,10 @@ def test_sampling_preserves_the_target_distribution(cfg):
         assert _chi_square_p(counts, exact, n) > 1e-3, name
 
 
-@pytest.mark.parametrize("name, kwargs", [("ar", {}), ("layerskip", {"k": 3, "exit_layer": 2})])
+@pytest.mark.parametrize("name, kwargs", [("ar", {}),
+                                          ("layerskip", {"k": 3, "exit_layer": 2})])
 def test_sampling_is_reproducible_for_a_seed_and_not_greedy(target, name, kwargs):
-    """One seed, one output; but across seeds the outputs vary and leave greedy's, which a
-    silently greedy sampler would not."""
-    greedy = generate(name, target, PROMPT, DecodingConfig(max_new_tokens=12), **kwargs).tokens
-    outputs = []
-    for seed in range(5):
-        cfg = DecodingConfig(max_new_tokens=12, do_sample=True, seed=seed)
-        a = generate(name, target, PROMPT, cfg, **kwargs).tokens
-        assert a == generate(name, target, PROMPT, cfg, **kwargs).tokens
-        outputs.append(tuple(a))
-    assert len(set(outputs)) > 1
-    assert tuple(greedy) not in outputs
+    assert_sampling_is_seeded_and_not_greedy(name, target, PROMPT, 12, **kwargs)
 
 
 # --- supported architectures -----------------------------------------------------------------

@@ -12,7 +12,7 @@ from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
 from lsbench.engine.strategies import LOSSY, STRATEGIES, generate
 from lsbench.errors import LsbenchError
-from tests.conftest import tiny_model
+from tests.conftest import assert_sampling_is_seeded_and_not_greedy, tiny_model
 from tests.test_engine import _chi_square_p, _exact_joint
 
 # --- the matcher ----------------------------------------------------------------------------
@@ -249,16 +249,7 @@ def test_exit_refuses_a_missing_or_out_of_range_layer(target):
 
 @pytest.mark.parametrize("name, kwargs", [("exit", {"exit_layer": 2}), ("pld", {"k": 3})])
 def test_sampling_is_reproducible_and_not_greedy(target, name, kwargs):
-    """One seed, one output; across seeds the outputs vary and none is greedy's."""
-    greedy = generate(name, target, PROMPT, DecodingConfig(max_new_tokens=10), **kwargs).tokens
-    outputs = []
-    for seed in range(5):
-        cfg = DecodingConfig(max_new_tokens=10, do_sample=True, seed=seed)
-        a = generate(name, target, PROMPT, cfg, **kwargs).tokens
-        assert a == generate(name, target, PROMPT, cfg, **kwargs).tokens
-        outputs.append(tuple(a))
-    assert len(set(outputs)) > 1
-    assert tuple(greedy) not in outputs
+    assert_sampling_is_seeded_and_not_greedy(name, target, PROMPT, 10, **kwargs)
 
 
 @pytest.mark.parametrize("k", [2, 4])
