@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lsbench.backend.early_exit import EarlyExitModel
-from lsbench.engine.generation import Generation
-from lsbench.engine.strategies import defer_last_draft
+from lsbench.engine.generation import DecodingConfig, Generation
+from lsbench.engine.strategies import defer_last_draft, generate
 
 # Tiny models run fastest on one thread; two threads mostly add synchronisation overhead.
 torch.set_num_threads(1)
@@ -81,3 +81,20 @@ def replay_deferrals(gen: Generation, exit_layer: int, num_layers: int) -> list[
                                    or defer_last_draft(full, rounds, exit_layer, num_layers)))
         full += d > 0 and a == d  # a round without drafts is not a fully accepted one
     return deferred
+
+
+def assert_sampling_is_seeded_and_not_greedy(name: str, target: EarlyExitModel,
+                                             prompt: list[int], max_new_tokens: int,
+                                             **kwargs) -> None:
+    """One seed, one output; across seeds the outputs vary and none is greedy's, which a
+    silently greedy sampler would not manage."""
+    greedy = generate(name, target, prompt, DecodingConfig(max_new_tokens=max_new_tokens),
+                      **kwargs).tokens
+    outputs = []
+    for seed in range(5):
+        cfg = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=True, seed=seed)
+        tokens = generate(name, target, prompt, cfg, **kwargs).tokens
+        assert tokens == generate(name, target, prompt, cfg, **kwargs).tokens, seed
+        outputs.append(tuple(tokens))
+    assert len(set(outputs)) > 1
+    assert tuple(greedy) not in outputs

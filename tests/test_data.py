@@ -179,6 +179,61 @@ def test_hub_call_and_failure_are_wrapped(monkeypatch):
     assert "Couldn't reach" in message and "\n" not in message
 
 
+def hub_repos(monkeypatch, tmp_path, name: str, config: str, rows: list[dict]) -> list:
+    """Route datasets.load_dataset for `name`'s hub id to local directories laid out like the
+    repository (only a loading script, as EdinburghNLP/xsum holds) and like its Parquet
+    conversion branch (<config>/<split>/0000.parquet); the real loader reads both."""
+    import datasets
+
+    hub_id = data._HUB[name].path
+    script_repo = tmp_path / "main" / name  # datasets finds <dir>/<dir name>.py
+    script_repo.mkdir(parents=True)
+    (script_repo / f"{name}.py").write_text("import datasets  # a loading script\n")
+    converted = tmp_path / "parquet"
+    for split in ("test", "train"):
+        write_parquet(converted / config / split / "0000.parquet",
+                      [{**r, "id": f"{split}-{r['id']}"} for r in rows])
+    real, calls = datasets.load_dataset, []
+
+    def routed(path, *args, revision=None, **kwargs):
+        calls.append((path, revision, kwargs.get("data_dir")))
+        assert path == hub_id
+        local = converted if revision == data.PARQUET_REVISION else script_repo
+        return real(str(local), *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", routed)
+    return calls
+
+
+@pytest.mark.parametrize("name, config, rows", [("xsum", "default", xsum_rows(7)),
+                                                ("cnn_dailymail", "3.0.0", cnn_rows(7))])
+def test_a_script_only_hub_repo_loads_from_its_parquet_conversion(monkeypatch, tmp_path,
+                                                                  name, config, rows):
+    calls = hub_repos(monkeypatch, tmp_path, name, config, rows)
+    examples, _ = load_examples(DatasetSpec(name, limit=50))
+    assert sorted(ids_of(examples)) == sorted(f"test-{r['id']}" for r in rows)
+    source = data._HUB[name]
+    by_id = {f"test-{r['id']}": r for r in rows}
+    for e in examples:
+        assert (e.article, e.reference) == (by_id[e.example_id][source.article],
+                                            by_id[e.example_id][source.reference])
+    assert calls == [(source.path, None, None), (source.path, data.PARQUET_REVISION, config)]
+    train, _ = load_examples(DatasetSpec(name, split="train", limit=3))
+    assert all(e.example_id.startswith("train-") for e in train)
+
+
+def test_a_script_refusal_with_a_pinned_revision_or_no_conversion_is_one_error(monkeypatch,
+                                                                              tmp_path):
+    hub_repos(monkeypatch, tmp_path, "xsum", "default", xsum_rows(3))
+    with pytest.raises(LsbenchError, match="scripts are no longer supported") as err:
+        load_examples(DatasetSpec("xsum", revision="abc123"))  # a pinned revision is kept
+    assert "\n" not in str(err.value)
+    (tmp_path / "parquet" / "default").rename(tmp_path / "parquet" / "other")
+    with pytest.raises(LsbenchError, match="cannot load dataset 'xsum' from the hub") as err:
+        load_examples(DatasetSpec("xsum"))
+    assert "\n" not in str(err.value)
+
+
 # --- embedded corpora ------------------------------------------------------------------------
 
 # find_spec rather than importorskip: lsbench reads gensim's data files without importing it,
@@ -311,12 +366,35 @@ def test_limit_must_be_positive(jsonl_30):
 # --- check_dataset -------------------------------------------------------------------------
 
 
-def test_check_dataset_accepts_known_names_and_existing_jsonl(jsonl_30):
+def test_check_dataset_accepts_known_names_and_existing_jsonl_loading_nothing(
+        jsonl_30, monkeypatch, tmp_path):
+    import datasets
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("check_dataset loaded data")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_loading)
+    for loader in ("_lee_news", "_wiki_lead", "_jsonl", "_load_hub"):
+        monkeypatch.setattr(data, loader, no_loading)
+    checked = []
     for name in DATASETS:
         if name in ("lee-news", "wiki-lead") and importlib.util.find_spec("gensim") is None:
             continue
-        check_dataset(name)
+        assert check_dataset(name) is None
+        checked.append(name)
+    assert {"cnn_dailymail", "xsum"} <= set(checked)
     check_dataset(jsonl_30)
+    # the file is what was checked: gone, the same name is refused
+    Path(jsonl_30[len("jsonl:"):]).unlink()
+    with pytest.raises(LsbenchError, match="dataset file not found"):
+        check_dataset(jsonl_30)
+    # gensim's corpora are accepted without gensim when its data folder is named
+    monkeypatch.setenv(data.GENSIM_DATA_ENV, str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    check_dataset("lee-news")
+    monkeypatch.delenv(data.GENSIM_DATA_ENV)
+    with pytest.raises(LsbenchError, match="needs gensim"):
+        check_dataset("lee-news")
 
 
 @pytest.mark.parametrize("name, message", [

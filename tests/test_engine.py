@@ -14,7 +14,11 @@ from lsbench.backend.early_exit import EarlyExitModel, check_architecture
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import defer_last_draft, generate, generate_speculative
 from lsbench.errors import LsbenchError
-from tests.conftest import replay_deferrals, tiny_model
+from tests.conftest import (
+    assert_sampling_is_seeded_and_not_greedy,
+    replay_deferrals,
+    tiny_model,
+)
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
 GREEDY = DecodingConfig(max_new_tokens=24)
@@ -205,13 +209,14 @@ def test_sampling_preserves_the_target_distribution(cfg):
             drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
         if name != "ar":  # the test must exercise both acceptance and rejection
             assert 0 < accepted < drafted, name
+        assert len(counts) > 1, name  # sampled, not greedy: many outputs
         assert _chi_square_p(counts, exact, n) > 1e-3, name
 
 
-def test_sampling_is_reproducible_for_a_seed(target):
-    cfg = DecodingConfig(max_new_tokens=12, do_sample=True, seed=5)
-    a = generate("layerskip", target, PROMPT, cfg, k=3, exit_layer=2).tokens
-    assert a == generate("layerskip", target, PROMPT, cfg, k=3, exit_layer=2).tokens
+@pytest.mark.parametrize("name, kwargs", [("ar", {}),
+                                          ("layerskip", {"k": 3, "exit_layer": 2})])
+def test_sampling_is_reproducible_for_a_seed_and_not_greedy(target, name, kwargs):
+    assert_sampling_is_seeded_and_not_greedy(name, target, PROMPT, 12, **kwargs)
 
 
 # --- supported architectures -----------------------------------------------------------------

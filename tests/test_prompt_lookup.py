@@ -12,7 +12,7 @@ from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.prompt_lookup import MAX_NGRAM, lookup_drafts
 from lsbench.engine.strategies import LOSSY, STRATEGIES, generate
 from lsbench.errors import LsbenchError
-from tests.conftest import tiny_model
+from tests.conftest import assert_sampling_is_seeded_and_not_greedy, tiny_model
 from tests.test_engine import _chi_square_p, _exact_joint
 
 # --- the matcher ----------------------------------------------------------------------------
@@ -170,6 +170,7 @@ def test_pld_sampling_preserves_the_target_distribution(cfg):
         counts[tuple(gen.tokens)] = counts.get(tuple(gen.tokens), 0) + 1
         drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
     assert 0 < accepted < drafted  # both acceptance and rejection exercised
+    assert len(counts) > 1  # sampled, not greedy: many outputs
     assert _chi_square_p(counts, exact, n) > 1e-3
 
 
@@ -246,10 +247,9 @@ def test_exit_refuses_a_missing_or_out_of_range_layer(target):
             generate("exit", target, PROMPT, GREEDY, exit_layer=bad)
 
 
-def test_exit_samples_reproducibly(target):
-    cfg = DecodingConfig(max_new_tokens=10, do_sample=True, seed=3)
-    a = generate("exit", target, PROMPT, cfg, exit_layer=2).tokens
-    assert a == generate("exit", target, PROMPT, cfg, exit_layer=2).tokens
+@pytest.mark.parametrize("name, kwargs", [("exit", {"exit_layer": 2}), ("pld", {"k": 3})])
+def test_sampling_is_reproducible_and_not_greedy(target, name, kwargs):
+    assert_sampling_is_seeded_and_not_greedy(name, target, PROMPT, 10, **kwargs)
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -239,13 +239,32 @@ def test_cell_formats():
     assert format_cell("k", 4) == "4"
 
 
-def test_csv_parses_back_with_pandas():
-    table = sweep_table(make_results())
+def test_csv_values_are_the_parquet_rows():
+    """Each CSV line against the raw rows of its run, read back from Parquet: per-run values
+    equal, medians of speedup and tokens/s over its rows, and one count per example."""
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(make_results(), schema=ARROW_SCHEMA,
+                                        preserve_index=False), buf)
+    rows = pq.read_table(io.BytesIO(buf.getvalue())).to_pandas()
+    table = sweep_table(rows)
     back = pd.read_csv(io.StringIO(to_csv(table)))
     assert list(back.columns) == list(table.columns)
-    assert len(back) == len(table)
-    assert back["speedup"].tolist() == pytest.approx(table["speedup"].tolist())
-    assert back["best"].tolist() == table["best"].tolist()
+    runs = rows.groupby(["model", "strategy", "exit_layer", "num_speculations"])
+    assert len(back) == len(runs)
+    for line in back.to_dict("records"):
+        run = runs.get_group((line["model"], line["strategy"], line["exit layer"], line["k"]))
+        assert line["dataset"] == run["dataset"].iloc[0]
+        assert line["n"] == run["example_id"].nunique()
+        assert line["speedup"] == pytest.approx(run["speedup"].median())
+        assert line["tokens/s"] == pytest.approx(run["tokens_per_s"].median())
+        acceptance = run["acceptance_rate"].iloc[0]
+        assert (math.isnan(line["acceptance"]) if math.isnan(acceptance)
+                else line["acceptance"] == pytest.approx(acceptance))
+    best = back[back["best"]]
+    assert len(best) == rows["model"].nunique()  # one best run per model: its fastest
+    for line in best.to_dict("records"):
+        fastest = rows[rows["model"] == line["model"]].groupby("run_id")["speedup"].median()
+        assert line["speedup"] == pytest.approx(fastest.max())
 
 
 # --- spread, confidence and the two engines (issue 9) ----------------------------------------

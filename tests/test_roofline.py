@@ -40,9 +40,35 @@ def model() -> EarlyExitModel:
     return EarlyExitModel(tiny_model(seed=0, num_layers=4))
 
 
-def hand_count(counts) -> int:
-    return (sum(counts.layer_calls) * LAYER_BYTES + counts.head_calls * HEAD_BYTES
-            + counts.embed_tokens * ROW_BYTES)
+def read_by_calls(adapter: EarlyExitModel, run) -> tuple[object, int]:
+    """(run(), the weight bytes its module calls read), counted independently of the
+    adapter's EvalCounts: a forward hook on every module with weights of its own adds those
+    weights' bytes per call; an embedding adds one row per looked-up id."""
+    read = 0
+
+    def hook(module, args, output):
+        nonlocal read
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Embedding):
+            read += args[0].numel() * module.weight[0].numel() * module.weight.element_size()
+        else:
+            read += sum(p.numel() * p.element_size() for p in own)
+
+    handles = [m.register_forward_hook(hook) for m in adapter.model.modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return result, read
+
+
+def counted_bytes(adapter: EarlyExitModel, gen) -> int:
+    """count_weight_bytes over the whole generation: prefill and decode."""
+    wm = WeightModel.from_model(adapter)
+    return (count_weight_bytes(wm, gen.prefill_counts)
+            + count_weight_bytes(wm, gen.decode_counts))
 
 
 def test_weight_model_is_the_parameter_bytes(model):
@@ -74,10 +100,10 @@ def test_ar_reads_every_weight_once_per_token(model):
 
 @pytest.mark.parametrize("exit_layer,k", [(1, 3), (2, 4), (3, 2)])
 def test_layerskip_weight_bytes_follow_the_calls_it_made(model, exit_layer, k):
-    gen = generate("layerskip", model, PROMPT, CFG, k=k, exit_layer=exit_layer)
+    gen, read = read_by_calls(model, lambda: generate("layerskip", model, PROMPT, CFG, k=k,
+                                                      exit_layer=exit_layer))
     counts, rounds = gen.decode_counts, len(gen.drafted)
-    wm = WeightModel.from_model(model)
-    assert count_weight_bytes(wm, counts) == hand_count(counts)
+    assert counted_bytes(model, gen) == read
     # the deep layers run once per round, plus once more for the deferred last draft of a fully
     # accepted round; the shallow layers run for every draft
     late = sum(d and a == n for d, a, n in zip(replay_deferrals(gen, exit_layer, 4),
@@ -91,10 +117,14 @@ def test_layerskip_weight_bytes_follow_the_calls_it_made(model, exit_layer, k):
 
 def test_spec_counts_the_draft_models_weights(model):
     draft = EarlyExitModel(tiny_model(seed=7, num_layers=2))
-    gen = generate("spec", model, PROMPT, CFG, k=3, draft=draft)
+    (gen, target_read), draft_read = read_by_calls(draft, lambda: read_by_calls(
+        model, lambda: generate("spec", model, PROMPT, CFG, k=3, draft=draft)))
     dc = gen.draft_decode_counts
     assert sum(dc.layer_calls) > 0 and dc.head_calls >= sum(gen.drafted) - len(gen.drafted)
-    assert count_weight_bytes(WeightModel.from_model(draft), dc) == hand_count(dc)
+    wm = WeightModel.from_model(draft)
+    assert (count_weight_bytes(wm, gen.draft_prefill_counts) + count_weight_bytes(wm, dc)
+            == draft_read)
+    assert counted_bytes(model, gen) == target_read
 
 
 def test_transformers_hooks_count_head_calls(model):
@@ -124,6 +154,6 @@ def test_cuda_copy_bandwidth_and_roofline_of_a_layerskip_run():
     peak = peak_gbps("cuda")
     assert peak > 0 and math.isfinite(peak)
     model = EarlyExitModel(tiny_model(seed=0, num_layers=4).to("cuda"))
-    gen = generate("layerskip", model, PROMPT, CFG, k=3, exit_layer=2)
-    counts = gen.decode_counts
-    assert count_weight_bytes(WeightModel.from_model(model), counts) == hand_count(counts)
+    gen, read = read_by_calls(model, lambda: generate("layerskip", model, PROMPT, CFG, k=3,
+                                                      exit_layer=2))
+    assert counted_bytes(model, gen) == read

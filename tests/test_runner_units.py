@@ -3,6 +3,8 @@ checks on resume, schema versions, and losslessness verdicts in bf16."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import math
 from pathlib import Path
@@ -18,6 +20,7 @@ from lsbench.reporting.report import summarize
 from lsbench.results.schema import COLUMN_NAMES, SCHEMA_VERSION
 from lsbench.results.store import ResultStore, read_results
 from lsbench.scenario.jobs import compare_job, sweep_job
+from lsbench.scenario.quality import float32_copy_on_cpu
 from lsbench.scenario.runner import JobOutcome, prepare_job, run_job, unit_order
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.test_runner import job_settings, save_truncated, write_jsonl
@@ -200,3 +203,43 @@ def test_bf16_flips_are_near_ties_and_a_wrong_output_is_a_mismatch(bf16_dir, dat
     assert verdict["mismatch_margin"] == pytest.approx(gap, rel=1e-3)
     assert math.isnan(lsbench.scenario.runner._losslessness(prepared, prompt, base, base)
                       ["mismatch_margin"])
+
+
+def _float32_models_of(cls: type) -> list[torch.nn.Module]:
+    gc.collect()
+    return [m for m in gc.get_objects() if isinstance(m, cls)
+            and next(m.parameters()).dtype == torch.float32]
+
+
+def test_a_bf16_verdict_keeps_no_float32_model_and_its_margin_is_float32s(bf16_dir, data_file):
+    """Issue 18: the fp32 margin is recomputed on a host copy that nothing keeps after the
+    verdict (the old deep copy on the model's device stayed in the prepared job)."""
+    job = sweep_job(job_settings(bf16_dir, data_file, dtype="bfloat16", data__limit=1,
+                                 decoding__max_new_tokens=8, sweep__exit_layers="2",
+                                 sweep__num_speculations="1"), 4)
+    prepared = prepare_job(job)
+    model, prompt = prepared.loaded.target.model, prepared.prompts[0]
+    before = len(_float32_models_of(type(model)))
+    base = [5, 6, 7, 8]
+    with torch.inference_mode():
+        expected = copy.deepcopy(model).float()(torch.tensor([[*prompt.ids, *base[:2]]])
+                                                ).logits[0, -1]
+    wrong = [*base[:2], int(expected.argmin()), base[3]]
+    verdict = lsbench.scenario.runner._losslessness(prepared, prompt, wrong, base)
+    assert verdict["first_mismatch"] == 2
+    gap = float(expected[base[2]] - expected[wrong[2]])
+    assert verdict["mismatch_margin"] == pytest.approx(gap, rel=1e-6, abs=1e-6)
+    assert len(_float32_models_of(type(model))) == before  # the copy is gone
+    assert next(model.parameters()).dtype == torch.bfloat16  # the target is untouched
+
+
+def test_the_float32_copy_is_on_the_host_tied_and_equal_to_the_target():
+    model = tiny_model(seed=4, dtype=torch.bfloat16, num_layers=2, tie_word_embeddings=True)
+    reference = float32_copy_on_cpu(model)
+    assert {p.device.type for p in reference.parameters()} == {"cpu"}
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    assert reference.lm_head.weight is reference.get_input_embeddings().weight
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(),
+                                 strict=True):
+        assert torch.equal(p.float(), q), name
+    assert next(model.parameters()).dtype == torch.bfloat16

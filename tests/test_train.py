@@ -328,3 +328,23 @@ def test_continue_from_a_pretrained_model_on_a_wall_clock_budget(tmp_path, tiny_
     assert result.log["steps"] >= 1 and result.log["train_s"] < 5
     assert json.loads((result.path / "config.json").read_text())["vocab_size"] == 84
     assert (result.path / "tokenizer.json").is_file()
+
+
+def test_twins_differ_in_recipe_only_and_their_settings_take_a_callers_scale(tmp_path):
+    """training/ab.py is the one place an A/B is set up: `make ab` and the GPU check both
+    name their twins and their scale through it."""
+    from lsbench.training.ab import AB_RECIPE, AB_TRAIN, twin_configs, twin_settings
+    from lsbench.training.recipe import Recipe
+
+    names = {"baseline": "check-baseline", "layerskip": "check-layerskip"}
+    twins = twin_configs(AB_TRAIN, AB_RECIPE, names)
+    assert {k: c.out for k, c in twins.items()} == names
+    assert twins["baseline"].recipe == Recipe.baseline() and twins["layerskip"].recipe == AB_RECIPE
+    assert replace(twins["baseline"], recipe=AB_RECIPE, out="") == replace(
+        twins["layerskip"], out="")
+    settings = twin_settings("check-layerskip", tmp_path,
+                             overrides={("data", "limit"): 2, ("", "device"): "meta"})
+    assert settings.get("", "model") == "check-layerskip"
+    assert settings.get("data", "dataset") == f"jsonl:{tmp_path / 'heldout-news.jsonl'}"
+    assert (settings.get("data", "limit"), settings.get("", "device")) == (2, "meta")
+    assert settings.get("decoding", "max_new_tokens") == 64  # the sweep file's, untouched

@@ -59,6 +59,7 @@ EXACTNESS_TESTS = ("layerskip_greedy_equals_ar", "exit_at_last_layer_accepts_eve
 # scratch (the paper's continual-pretraining setting), full-weight early-exit losses.
 GPU_RECIPE = Recipe(p_max=0.1, dropout_curriculum="none", exit_curriculum="rotational",
                     rotation=2, e_scale=1.0)
+AB_SWEEP_FILE = ROOT / "sweeps" / "ab-twins.toml"
 LOSS_RISE_LIMIT = 0.05  # the twins' final-layer held-out loss may rise at most 5%
 
 
@@ -340,87 +341,31 @@ def twin_config(c: Check):
                        device=c.device)
 
 
-def _autocast(device: str):
-    # bf16 autocast on the GPU: fp32 master weights, bf16 matmuls. On CPU plain fp32.
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def heldout_before(cfg) -> tuple[dict, int]:
-    """Held-out loss per exit of the model before training (the same rows `train` evaluates),
-    and the training tokens available (one epoch)."""
-    from lsbench.backend.loading import load_model
-    from lsbench.training.train import evaluate, heldout_rows, load_corpus, pack
-
-    corpus = load_corpus(cfg)
-    loaded = load_model(cfg.init, dtype="float32", device=cfg.device)
-    rows = heldout_rows(loaded.tokenizer, corpus.heldout, cfg.seq_len)
-    available = pack(loaded.tokenizer, corpus.train, cfg.seq_len).numel()
-    assert rows is not None
-    with _autocast(cfg.device):
-        before = evaluate(loaded.model, rows.to(cfg.device))
-    return before, available
-
-
-def self_text(cfg, path: Path, tokens: int, seconds: float, batch: int, new_tokens: int,
-              prompt_tokens: int = 64) -> dict:
-    """Continuations the model samples (temperature 1, no filters: its own distribution) from
-    the opening tokens of its training articles, written to `path` as JSONL. Held-out articles
-    are not in the training text, so they prompt nothing. Stops at `tokens` or `seconds`."""
-    from transformers import GenerationConfig
-
-    from lsbench.backend.loading import load_model
-    from lsbench.training.train import load_corpus
-
-    started = time.perf_counter()
-    corpus = load_corpus(cfg)
-    loaded = load_model(cfg.init, device=cfg.device)  # bf16 on CUDA
-    tok, model = loaded.tokenizer, loaded.model
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    starts = [ids[:prompt_tokens] for ids in (tok.encode(t, add_special_tokens=False)
-                                               for t in corpus.train) if len(ids) >= 8]
-    # Every knob set: generate() would otherwise fill them from the checkpoint's defaults.
-    gen_cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                               no_repeat_ngram_size=0, pad_token_id=pad,
-                               eos_token_id=tok.eos_token_id)
-    torch.manual_seed(cfg.seed)
-    written = rows = 0
-    with path.open("w") as f:
-        while written < tokens and time.perf_counter() - started < seconds:
-            chunk = [starts[(rows + i) % len(starts)] for i in range(batch)]
-            width = max(len(ids) for ids in chunk)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk],
-                                device=model.device)
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, generation_config=gen_cfg)
-            for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
-                new = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-                text = tok.decode(prompt + new, skip_special_tokens=True)
-                if new and text.strip():
-                    f.write(json.dumps({"id": f"self-{rows}", "article": text}) + "\n")
-                    written += len(new)
-                rows += 1
-    return {"tokens": written, "texts": rows, "seconds": time.perf_counter() - started,
-            "batch": batch, "new_tokens": new_tokens}
-
-
 def heldout_scale(c: Check) -> dict:
-    """How many held-out articles the twins are swept and scanned on, and how long."""
+    """The twins' sweep and scan at this check's scale: the device, how many held-out
+    articles and how long (training/ab.py's twin_settings applies them)."""
+    device = {("", "device"): c.device, ("", "dtype"): "auto"}
     if c.tiny:
-        return {("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
+        return {**device, ("data", "limit"): 2, ("decoding", "max_new_tokens"): 8,
                 ("data", "max_input_tokens"): 40}
-    return {("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
+    return {**device, ("data", "limit"): 3, ("decoding", "max_new_tokens"): 48,
             ("data", "max_input_tokens"): 384}
 
 
 def step_ab(c: Check, step: Step) -> None:
+    """training/ab.py's A/B at this check's scale: the model's own text joins the training
+    text, the LayerSkip twin trains on a time share, the baseline on the tokens it reached."""
     from lsbench.reporting.plots import plot_sweep
     from lsbench.results.store import read_results
-    from lsbench.training.ab import summary_markdown
-    from lsbench.training.train import HELDOUT_FILE, output_dir, train
+    from lsbench.training.ab import (
+        heldout_before,
+        self_text,
+        summary_markdown,
+        train_in_turn,
+        twin_configs,
+        twin_settings,
+    )
+    from lsbench.training.train import HELDOUT_FILE, output_dir
 
     out = c.dir("ab")
     started = time.perf_counter()
@@ -443,34 +388,28 @@ def step_ab(c: Check, step: Step) -> None:
     # than the baseline; if its share binds first, the baseline gets the tokens it reached.
     train_share = 0.5 * c.left()
     prefix = "gpucheck-tiny" if c.tiny else "gpucheck-smollm2"
-    twins = {"layerskip": replace(base, recipe=GPU_RECIPE, out=f"{prefix}-layerskip",
-                                  tokens=tokens, time_budget_s=0.55 * train_share),
-             "baseline": replace(base, recipe=Recipe.baseline(), out=f"{prefix}-baseline",
-                                 tokens=tokens)}
-    logs: dict[str, dict] = {}
-    for kind in ("layerskip", "baseline"):
+    twins = twin_configs(replace(base, tokens=tokens), GPU_RECIPE,
+                         {kind: f"{prefix}-{kind}" for kind in ("baseline", "layerskip")})
+    twins["layerskip"] = replace(twins["layerskip"], time_budget_s=0.55 * train_share)
+
+    def starting(kind, cfg):
         c.check_time()
-        cfg = twins[kind]
-        if kind == "baseline":  # the same tokens and steps as the LayerSkip twin
-            cfg = replace(cfg, tokens=logs["layerskip"]["tokens_seen"])
         c.say(f"  training the {kind} twin ({cfg.tokens:,} tokens at most)...")
-        with _autocast(c.device):
-            logs[kind] = train(cfg).log
+
+    logs = train_in_turn(twins, starting)
     names = {kind: str(output_dir(twins[kind].out)) for kind in twins}
     c.twins = names
     (out / "heldout-news.jsonl").write_bytes(
         (Path(names["layerskip"]) / HELDOUT_FILE).read_bytes())
-    sweep_file = ROOT / "sweeps" / "ab-twins.toml"
-    overrides: dict = {("data", "dataset"): f"jsonl:{out / 'heldout-news.jsonl'}",
-                       ("sweep", "num_speculations"): [2, 4, 6], ("sweep", "exit_layers"): "all"}
-    overrides.update(heldout_scale(c))
+    overrides: dict = {("sweep", "num_speculations"): [2, 4, 6], ("sweep", "exit_layers"): "all",
+                       **heldout_scale(c)}
     frames, complete = [], True
     sweep_end = c.deadline - 5  # leave a few seconds for the summary and figures
     for i, kind in enumerate(("baseline", "layerskip")):
         c.deadline = time.perf_counter() + (sweep_end - time.perf_counter()) / (2 - i)
         c.say(f"  sweeping the {kind} twin...")
-        settings = sweep_settings(c, sweep_file, {**overrides, ("", "model"): names[kind],
-                                                  ("", "name"): f"{prefix}-{kind}"})
+        settings = twin_settings(names[kind], out, AB_SWEEP_FILE,
+                                 {**overrides, ("", "name"): f"{prefix}-{kind}"})
         df, done = run_sweep(c, settings, out / f"{kind}.parquet")
         complete &= done
         if df is not None:
@@ -590,17 +529,17 @@ def step_scan(c: Check, step: Step) -> None:
     from lsbench.results.store import ResultStore
     from lsbench.scenario.runner import run_job
     from lsbench.scenario.scan import run_scan, scan_spec, verify_job, write_scan
+    from lsbench.training.ab import twin_settings
 
     twin = c.twins.get("layerskip")
     heldout = c.out / "ab" / "heldout-news.jsonl"
     if not twin or not (Path(twin) / "config.json").is_file() or not heldout.is_file():
         raise _Skip("needs the LayerSkip twin of step 5, which did not produce one")
     out = c.dir("scan")
-    overrides: dict = {("", "model"): twin, ("", "name"): "gpucheck-scan",
-                       ("data", "dataset"): f"jsonl:{heldout}", ("sweep", "exit_layers"): "all",
-                       ("sweep", "num_speculations"): "1:3" if c.tiny else "1:8"}
-    overrides.update(heldout_scale(c))
-    settings = sweep_settings(c, ROOT / "sweeps" / "ab-twins.toml", overrides)
+    overrides: dict = {("", "name"): "gpucheck-scan", ("sweep", "exit_layers"): "all",
+                       ("sweep", "num_speculations"): "1:3" if c.tiny else "1:8",
+                       **heldout_scale(c)}
+    settings = twin_settings(twin, heldout.parent, AB_SWEEP_FILE, overrides)
     spec = scan_spec(settings, model_num_layers(twin))
     c.say(f"  scanning {spec.points} points per example...")
     result = run_scan(spec, on_progress=c.progress_guard)

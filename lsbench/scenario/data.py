@@ -76,12 +76,17 @@ class _HubSource:
     config: str | None
     article: str
     reference: str
+    parquet_config: str  # its folder on the Parquet conversion branch
 
 
 _HUB = {
-    "cnn_dailymail": _HubSource("abisee/cnn_dailymail", "3.0.0", "article", "highlights"),
-    "xsum": _HubSource("EdinburghNLP/xsum", None, "document", "summary"),
+    "cnn_dailymail": _HubSource("abisee/cnn_dailymail", "3.0.0", "article", "highlights",
+                                "3.0.0"),
+    "xsum": _HubSource("EdinburghNLP/xsum", None, "document", "summary", "default"),
 }
+# The hub's Parquet conversion of every dataset repository: one folder per config holding
+# <split>/0000.parquet..., readable by datasets releases that refuse loading scripts.
+PARQUET_REVISION = "refs/convert/parquet"
 
 
 def check_dataset(name: str) -> None:
@@ -166,6 +171,26 @@ def _local_files(spec: DatasetSpec, source: _HubSource) -> tuple[str, list[str]]
     return builders.pop(), [str(p) for p in files]
 
 
+def _is_script_refusal(exc: Exception) -> bool:
+    """datasets' refusal of a repository that holds a loading script (>= 4.0: scripts are
+    no longer supported; older releases: trust_remote_code is needed to run it)."""
+    text = str(exc)
+    return "scripts are no longer supported" in text or "trust_remote_code" in text
+
+
+def _load_from_hub(datasets, spec: DatasetSpec, source: _HubSource):
+    """The split from the hub; from its Parquet conversion branch when the repository holds
+    only a loading script that this datasets release refuses (and no revision was asked)."""
+    try:
+        return datasets.load_dataset(source.path, source.config, split=spec.split,
+                                     revision=spec.revision)
+    except Exception as exc:
+        if spec.revision is not None or not _is_script_refusal(exc):
+            raise
+    return datasets.load_dataset(source.path, data_dir=source.parquet_config,
+                                 split=spec.split, revision=PARQUET_REVISION)
+
+
 def _load_hub(spec: DatasetSpec, source: _HubSource) -> list[Example]:
     import datasets  # heavy import, only paid by the hub datasets
 
@@ -176,8 +201,7 @@ def _load_hub(spec: DatasetSpec, source: _HubSource) -> list[Example]:
             ds = datasets.load_dataset(builder, data_files=files, split="train")
         else:
             where = f"the hub ({source.path})"
-            ds = datasets.load_dataset(source.path, source.config, split=spec.split,
-                                       revision=spec.revision)
+            ds = _load_from_hub(datasets, spec, source)
     except LsbenchError:
         raise
     except Exception as exc:  # hub, network and parse errors all mean "cannot load"

@@ -3,6 +3,7 @@ the losslessness verdicts (exact, near-tie, MISMATCH) with their float32 margins
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -69,6 +70,29 @@ def rouge_scores(prediction: str, reference: str | None) -> dict[str, float]:
 # of 10 the threshold is 16 * 0.0078 * 10 = 1.25; float32's is 1.9e-5 there.
 NEAR_TIE_ULPS = 16
 VERDICTS = ("exact", "near-tie", "MISMATCH")
+
+
+@torch.no_grad()
+def float32_copy_on_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `model` in host memory, made one tensor at a time: the model's own
+    device never holds a second copy (a 7B model in fp32 is 28 GB). Tied weights stay tied
+    (deepcopy's memo maps each shared tensor once) and `model` is left untouched."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        if id(p) not in memo:  # move first, convert on the host: no fp32 tensor on the device
+            memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu").float(), p.requires_grad)
+    for b in model.buffers():
+        if id(b) not in memo:
+            host = b.detach().to("cpu")
+            memo[id(b)] = host.float() if host.is_floating_point() else host
+    reference = copy.deepcopy(model, memo)
+    try:  # a model dispatched with a device_map: its copy must not move inputs back there
+        from accelerate.hooks import remove_hook_from_module
+    except ImportError:
+        pass
+    else:
+        remove_hook_from_module(reference, recurse=True)
+    return reference.to(torch.float32)
 
 
 @torch.inference_mode()

@@ -13,7 +13,6 @@ The interface a launcher builds on: `prepare_job`, `warm_up`, `pending_units`, `
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as dt
 import math
@@ -65,6 +64,7 @@ from lsbench.scenario.jobs import JobSpec, RunSpec, baseline_of, is_baseline
 from lsbench.scenario.latency import latency_columns
 from lsbench.scenario.quality import (
     first_mismatch,
+    float32_copy_on_cpu,
     logit_gap,
     lossless_verdict,
     quality_columns,
@@ -277,7 +277,6 @@ class PreparedJob:
     cfg: DecodingConfig  # job.decoding + stop tokens
     env: dict  # environment(...) metadata of THIS process
     loaded: _Loaded  # target (+ drafts) loaded once
-    reference: torch.nn.Module | None = None  # float32 twin of the target, made on demand
     # Per compiling run: wall seconds of its first warm-up generation here (see warm_up).
     compile_s: dict[RunSpec, float] = field(default_factory=dict)
 
@@ -586,14 +585,16 @@ def _ms_per_token(gen: Generation) -> float:
     return 1000 * gen.decode_s / gen.decode_tokens if gen.decode_tokens else math.nan
 
 
-def _reference_model(prepared: PreparedJob) -> torch.nn.Module:
-    """The target in float32 (or wider) for recomputing margins; copied once, on demand."""
-    model = prepared.loaded.target.model
-    if torch.finfo(prepared.loaded.adapter.dtype).bits >= 32:
-        return model
-    if prepared.reference is None:
-        prepared.reference = copy.deepcopy(model).to(torch.float32)
-    return prepared.reference
+def _float32_logits(model: torch.nn.Module, prompt: Prompt, base_ids: list[int], pos: int
+                    ) -> torch.Tensor:
+    """The target's logits at `pos` in float32 (or wider). A narrower target is copied to
+    float32 on the CPU for this one forward and freed after it: the device never holds a
+    second model, and host memory goes back to what it was after each verdict (the copy is
+    redone per mismatched greedy row, outside every timer)."""
+    if torch.finfo(next(model.parameters()).dtype).bits >= 32:
+        return teacher_forced_logits(model, prompt.ids, base_ids, pos)
+    # Nothing keeps the copy: it is freed when the forward returns.
+    return teacher_forced_logits(float32_copy_on_cpu(model), prompt.ids, base_ids, pos)
 
 
 def _losslessness(prepared: PreparedJob, prompt: Prompt, tokens: list[int],
@@ -605,7 +606,7 @@ def _losslessness(prepared: PreparedJob, prompt: Prompt, tokens: list[int],
     margin = math.nan
     verdict = "exact" if pos < 0 else None
     if pos >= 0 and not prepared.job.decoding.do_sample:  # sampled outputs differ by design
-        logits = teacher_forced_logits(_reference_model(prepared), prompt.ids, base_ids, pos)
+        logits = _float32_logits(prepared.loaded.target.model, prompt, base_ids, pos)
         margin, scale = logit_gap(logits, base_ids[pos] if pos < len(base_ids) else None,
                                   tokens[pos] if pos < len(tokens) else None)
         verdict = lossless_verdict(margin, scale, prepared.loaded.adapter.dtype)

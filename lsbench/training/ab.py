@@ -13,6 +13,7 @@ a time so that their timings do not disturb each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -54,9 +55,11 @@ def _train_one(cfg: TrainConfig) -> str:
     return str(train(cfg).path)
 
 
-def twin_configs(base: TrainConfig, recipe: Recipe) -> dict[str, TrainConfig]:
-    return {"baseline": replace(base, recipe=Recipe.baseline(), out=TWINS["baseline"]),
-            "layerskip": replace(base, recipe=recipe, out=TWINS["layerskip"])}
+def twin_configs(base: TrainConfig, recipe: Recipe, names: dict[str, str] = TWINS
+                 ) -> dict[str, TrainConfig]:
+    """The two twins of `base`: only the recipe (and the output name) differs."""
+    return {"baseline": replace(base, recipe=Recipe.baseline(), out=names["baseline"]),
+            "layerskip": replace(base, recipe=recipe, out=names["layerskip"])}
 
 
 def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> None:
@@ -72,13 +75,104 @@ def train_twins(base: TrainConfig, recipe: Recipe, parallel: bool = True) -> Non
             future.result()
 
 
-def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE):
-    """The sweep file's settings for twin `name` on the held-out articles in `out`."""
+def autocast(device: str):
+    """bf16 autocast on the GPU (fp32 master weights, bf16 matmuls); plain fp32 on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_in_turn(configs: dict[str, TrainConfig], before_each=lambda kind, cfg: None
+                  ) -> dict[str, dict]:
+    """Train the LayerSkip twin, then the baseline on the tokens the LayerSkip twin reached
+    (a time budget may end it first): the same tokens and steps either way. The logs by kind."""
+    from lsbench.training.train import train
+
+    logs: dict[str, dict] = {}
+    for kind in ("layerskip", "baseline"):
+        cfg = configs[kind]
+        if kind == "baseline":
+            cfg = replace(cfg, tokens=logs["layerskip"]["tokens_seen"])
+        before_each(kind, cfg)
+        with autocast(cfg.device):
+            logs[kind] = train(cfg).log
+    return logs
+
+
+def heldout_before(cfg: TrainConfig) -> tuple[dict, int]:
+    """Held-out loss per exit of `cfg.init` before training (the rows `train` evaluates), and
+    the training tokens available (one epoch)."""
+    from lsbench.backend.loading import load_model
+    from lsbench.training.train import evaluate, heldout_rows, load_corpus, pack
+
+    corpus = load_corpus(cfg)
+    loaded = load_model(cfg.init, dtype="float32", device=cfg.device)
+    rows = heldout_rows(loaded.tokenizer, corpus.heldout, cfg.seq_len)
+    available = pack(loaded.tokenizer, corpus.train, cfg.seq_len).numel()
+    assert rows is not None
+    with autocast(cfg.device):
+        before = evaluate(loaded.model, rows.to(cfg.device))
+    return before, available
+
+
+def self_text(cfg: TrainConfig, path: Path, tokens: int, seconds: float, batch: int,
+              new_tokens: int, prompt_tokens: int = 64) -> dict:
+    """Continuations `cfg.init` samples (temperature 1, no filters: its own distribution) from
+    the opening tokens of its training articles, written to `path` as JSONL. Held-out articles
+    are not in the training text, so they prompt nothing. Stops at `tokens` or `seconds`."""
+    import torch
+    from transformers import GenerationConfig
+
+    from lsbench.backend.loading import load_model
+    from lsbench.training.train import load_corpus
+
+    started = time.perf_counter()
+    corpus = load_corpus(cfg)
+    loaded = load_model(cfg.init, device=cfg.device)  # bf16 on CUDA
+    tok, model = loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    starts = [ids[:prompt_tokens] for ids in (tok.encode(t, add_special_tokens=False)
+                                               for t in corpus.train) if len(ids) >= 8]
+    # Every knob set: generate() would otherwise fill them from the checkpoint's defaults.
+    gen_cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                               no_repeat_ngram_size=0, pad_token_id=pad,
+                               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(cfg.seed)
+    written = rows = 0
+    with path.open("w") as f:
+        while written < tokens and time.perf_counter() - started < seconds:
+            chunk = [starts[(rows + i) % len(starts)] for i in range(batch)]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk],
+                                device=model.device)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, generation_config=gen_cfg)
+            for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
+                new = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+                text = tok.decode(prompt + new, skip_special_tokens=True)
+                if new and text.strip():
+                    f.write(json.dumps({"id": f"self-{rows}", "article": text}) + "\n")
+                    written += len(new)
+                rows += 1
+    return {"tokens": written, "texts": rows, "seconds": time.perf_counter() - started,
+            "batch": batch, "new_tokens": new_tokens}
+
+
+def twin_settings(name: str, out: Path, sweep_file: Path = SWEEP_FILE,
+                  overrides: dict[tuple[str, str], object] | None = None):
+    """The sweep file's settings for twin `name` on the held-out articles in `out`, with
+    `overrides` ((section, key) -> value: a caller's scale, device) on top."""
     from lsbench.scenario.jobs import Settings
 
     settings = Settings.from_file(sweep_file)
     settings.override("", "model", name)
     settings.override("data", "dataset", f"jsonl:{out / 'heldout-news.jsonl'}")
+    for (section, key), value in (overrides or {}).items():
+        settings.override(section, key, value)
     return settings
 
 
