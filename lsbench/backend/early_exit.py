@@ -6,11 +6,12 @@ every layer-token evaluation, which the FLOPs and bytes accounting is built from
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lsbench.backend.kv_cache import CAPACITY_QUANTUM, StaticKVCache, attention_mask
+from lsbench.backend.kv_cache import CAPACITY_QUANTUM, LayerSlot, StaticKVCache, attention_mask
 from lsbench.errors import LsbenchError
 
 # model_type values whose layout (model.model.{embed_tokens,layers,norm,rotary_emb},
@@ -107,6 +108,7 @@ class EarlyExitModel:
         # transformers renamed `past_key_values` to `cache`; accept both spellings.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.counts = EvalCounts.zeros(self.num_layers)
+        self.compiled_step: Callable | None = None  # `compile_layers`
 
     def _layer_types(self) -> list[str]:
         types = getattr(self.config, "layer_types", None)
@@ -116,14 +118,31 @@ class EarlyExitModel:
         return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
 
     def new_cache(self, batch: int = 1, capacity: int | None = None,
-                  pads: list[int] | None = None) -> StaticKVCache:
+                  pads: list[int] | None = None, max_step: int = 0) -> StaticKVCache:
         """A static cache for `batch` rows (left-padded by `pads`). With a capacity (the
         decoding loops, `kv_cache.capacity_for`) it never reallocates and refuses an overflow;
         without one it starts at one quantum and doubles when full. Every layer keeps all its
         entries (sliding windows are applied by the mask), so any layer can be rolled back
-        exactly after a rejected draft."""
+        exactly after a rejected draft. `max_step` > 0: forwards of up to that many tokens run
+        through the compiled layer step (`compile_layers`)."""
+        if max_step:
+            self.compile_layers()
         return StaticKVCache(self.num_layers, batch, capacity or CAPACITY_QUANTUM, pads=pads,
-                             device=self.layer_devices[0], grow=capacity is None)
+                             device=self.layer_devices[0], grow=capacity is None,
+                             max_step=max_step)
+
+    def compile_layers(self, backend: str | Callable = "inductor") -> None:
+        """One `torch.compile`d decoder-layer step shared by every layer (their parameters are
+        graph inputs), specialised per token count: a sweep over exit layers and k compiles
+        once per token count it uses, never per E. On CUDA, CUDA graphs (reduce-overhead).
+        Compilation itself happens at a step's first call (the runner's warm-up)."""
+        if self.compiled_step is not None:
+            return
+        # One graph per token count (and per layer kind): more than dynamo's default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+        self.compiled_step = torch.compile(layer_step, backend=backend, mode=mode,
+                                           fullgraph=True, dynamic=False)
 
     @staticmethod
     def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -170,10 +189,7 @@ class EarlyExitModel:
             if key not in masks:
                 masks[key] = attention_mask(cache, lo, n, self.windows[i], hidden.device,
                                             hidden.dtype, additive)
-            hidden = self.backbone.layers[i](
-                hidden, attention_mask=masks[key], position_ids=positions,
-                position_embeddings=embeddings, use_cache=True, **{self.cache_kwarg: cache},
-            )
+            hidden = self._layer(i, hidden, masks[key], positions, embeddings, cache, write_at)
             self.counts.layer_tokens[i] += rows * n
             self.counts.layer_calls[i] += 1
             # Real queries only: a prefill's padding (negative positions) attends nothing.
@@ -181,6 +197,21 @@ class EarlyExitModel:
                                                             self.windows[i]) for s in starts)
         cache.advance(lo, hi, n)
         return hidden
+
+    def _layer(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               embeddings: tuple, cache: StaticKVCache, write_at: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i: compiled over the whole capacity for the fixed token counts of
+        the decoding steps (`StaticKVCache.static`), eager otherwise (the prefill)."""
+        layer = self.backbone.layers[i]
+        if not cache.static(hidden.shape[1]):
+            return layer(hidden, attention_mask=mask, position_ids=positions,
+                         position_embeddings=embeddings, use_cache=True,
+                         **{self.cache_kwarg: cache})
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or \
+            self.config.num_attention_heads
+        keys, values = cache.buffers(i, kv_heads, layer.self_attn.head_dim, hidden)
+        return self.compiled_step(layer, hidden, mask, positions, *embeddings, keys, values,
+                                  self._to(write_at, hidden.device), self.cache_kwarg)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, applicable after any layer (the early exit); on the head's
@@ -192,6 +223,16 @@ class EarlyExitModel:
         self.counts.head_tokens += hidden.shape[0] * hidden.shape[1]
         self.counts.head_calls += 1
         return out
+
+
+def layer_step(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
+               positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, write_at: torch.Tensor, cache_kwarg: str) -> torch.Tensor:
+    """One decoder layer over the static cache's buffers: the compiled region (counting stays
+    outside, in `run_layers`)."""
+    return layer(hidden, attention_mask=mask, position_ids=positions,
+                 position_embeddings=(cos, sin), use_cache=True,
+                 **{cache_kwarg: LayerSlot(keys, values, write_at)})
 
 
 def _module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device:

@@ -34,12 +34,15 @@ class StaticKVCache:
     layer buffers are allocated on the first write, on that layer's device and dtype.
 
     `grow`: double the capacity instead of refusing an overflow (for callers outside the
-    decoding loops, which size their cache up front and must never reallocate mid-run)."""
+    decoding loops, which size their cache up front and must never reallocate mid-run).
+    `max_step`: forwards of at most this many tokens attend over the whole capacity through
+    the compiled layers (one shape per token count; `EarlyExitModel.run_layers`); 0: eager."""
 
     def __init__(self, num_layers: int, batch: int = 1, capacity: int = CAPACITY_QUANTUM, *,
                  pads: Sequence[int] | None = None, device: torch.device | str = "cpu",
-                 grow: bool = False):
+                 grow: bool = False, max_step: int = 0):
         self.num_layers, self.batch, self.capacity, self.grow = num_layers, batch, capacity, grow
+        self.max_step = max_step
         self.pads = list(pads) if pads is not None else [0] * batch
         if len(self.pads) != batch:
             raise ValueError("one pad count per row")
@@ -68,14 +71,27 @@ class StaticKVCache:
         """Slots a forward of `tokens` at `layer` attends over: up to the longest row's end."""
         return max(self.host_lengths[layer]) + tokens
 
+    def static(self, tokens: int) -> bool:
+        """Whether a forward of `tokens` runs compiled, over the whole capacity."""
+        return 0 < tokens <= self.max_step
+
+    def buffers(self, layer: int, kv_heads: int, head_dim: int, like: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s key and value buffers, allocated on first use (fixed addresses, which
+        CUDA graphs replay against)."""
+        if self.keys[layer] is None:
+            shape = (self.batch, kv_heads, self.capacity, head_dim)
+            self.keys[layer], self.values[layer] = like.new_zeros(shape), like.new_zeros(shape)
+            if like.device.type == "cuda" and self.max_step:
+                torch._dynamo.mark_static_address(self.keys[layer])
+                torch._dynamo.mark_static_address(self.values[layer])
+        return self.keys[layer], self.values[layer]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes the new keys and values at each row's slots and returns the layer's buffers
         up to the longest row's end (the mask hides what a row must not see)."""
-        if self.keys[layer_idx] is None:
-            shape = (self.batch, key_states.shape[1], self.capacity, key_states.shape[-1])
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros(shape)
+        self.buffers(layer_idx, key_states.shape[1], key_states.shape[-1], key_states)
         n = key_states.shape[-2]
         write_at = self._write_at.to(key_states.device)
         slots = write_at[:, None] + torch.arange(n, device=key_states.device)  # [B, T]
@@ -143,7 +159,7 @@ def attention_mask(cache: StaticKVCache, layer: int, tokens: int, window: int | 
     length[b] + i) sees slots from pad[b] (no padding) up to its own (causal inside the new
     tokens) and, in a sliding-window layer, fewer than `window` positions back. Boolean for
     SDPA; additive (0 / dtype min) for eager attention, which adds it to the scores."""
-    used = cache.used(layer, tokens)
+    used = cache.capacity if cache.static(tokens) else cache.used(layer, tokens)
     start = cache.lengths[layer].to(device)[:, None, None]  # [B, 1, 1]
     query = start + torch.arange(tokens, device=device)[None, :, None]  # [B, T, 1] slots
     key = torch.arange(used, device=device)[None, None, :]  # [1, 1, S]
@@ -156,6 +172,25 @@ def attention_mask(cache: StaticKVCache, layer: int, tokens: int, window: int | 
         return keep
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(
         ~keep, torch.finfo(dtype).min)
+
+
+class LayerSlot:
+    """One layer's buffers as the `cache` a decoder layer updates inside a compiled forward:
+    writes at each row's slots and returns the whole buffers (static shapes; the mask hides
+    the unused slots). The layer index the layer passes is ignored, so one graph serves every
+    layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_at: torch.Tensor):
+        self.keys, self.values, self.write_at = keys, values, write_at
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.write_at[:, None] + torch.arange(key_states.shape[-2],
+                                                      device=key_states.device)
+        index = slots[:, None, :, None].expand_as(key_states)
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        return self.keys, self.values
 
 
 def cache_bytes(*caches) -> int:

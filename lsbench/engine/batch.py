@@ -43,7 +43,6 @@ def generate_batch(strategy: str, model: EarlyExitModel, prompts: list[list[int]
             return BatchGeneration([row], row.prefill_s, row.decode_s)
         raise LsbenchError(f"strategy '{strategy}' decodes batch 1 only; batched strategies: "
                            f"{', '.join(BATCHED_STRATEGIES)}")
-    if compiled:  # CONTRACT: the compiled engine (issue 19) replaces this refusal
-        raise LsbenchError("the compiled engine is not built yet; run with --no-compile")
-    run = decode(strategy, model, prompts, cfg, k=k, exit_layer=exit_layer, draft=draft)
+    run = decode(strategy, model, prompts, cfg, k=k, exit_layer=exit_layer, draft=draft,
+                 compiled=compiled)
     return BatchGeneration(run.rows, run.prefill_s, run.decode_s)

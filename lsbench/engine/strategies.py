@@ -213,14 +213,14 @@ def start(model: EarlyExitModel, rows: Rows, cache: StaticKVCache, samplers: lis
 
 @torch.inference_mode()
 def decode_ar(model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConfig, *,
-              depth: int | None = None) -> BatchRun:
+              depth: int | None = None, compiled: bool = False) -> BatchRun:
     """Autoregressive decoding through layers [0, depth) + final norm + LM head; all layers by
     default, the lossy early exit otherwise. One host transfer per step (the new tokens);
     finished rows keep feeding their last token and are rolled back after the step."""
     depth = model.num_layers if depth is None else depth
     rows = Rows(prompts, cfg)
     samplers = [Sampler(cfg, model.device, b) for b in range(len(rows))]
-    cache = model.new_cache(len(rows), rows.capacity, rows.pads)
+    cache = model.new_cache(len(rows), rows.capacity, rows.pads, max_step=compiled and 1)
     clock = Clock(model)
     clock.mark()
     start(model, rows, cache, samplers, depth)
@@ -235,7 +235,8 @@ def decode_ar(model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConf
         cache.set_lengths(rows.cached())  # a no-op while every row is running
     clock.mark()
     prefill_s, decode_s = clock.seconds()
-    return BatchRun(rows.generations(prefill_s, clock.counts(), [cache]), prefill_s, decode_s)
+    return BatchRun(rows.generations(prefill_s, clock.counts(), [cache], compiled=compiled),
+                    prefill_s, decode_s)
 
 
 def generate_ar(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
@@ -442,10 +443,12 @@ class DraftModelSpeculator:
     """Classic two-model speculative decoding; the draft model keeps its own cache."""
 
     def __init__(self, model: EarlyExitModel, cache: StaticKVCache, draft: EarlyExitModel,
-                 rows: Rows, *, eager_head: bool = False):
+                 rows: Rows, *, eager_head: bool = False, compiled: bool = False):
         self.model, self.cache, self.draft_model = model, cache, draft
         self.eager_head = eager_head
-        self.draft_cache = draft.new_cache(len(rows), rows.capacity, rows.pads)
+        # The draft model's forwards are 1 or 2 tokens (a fully accepted round's catch-up).
+        self.draft_cache = draft.new_cache(len(rows), rows.capacity, rows.pads,
+                                           max_step=compiled and 2)
 
     def prefill(self, rows: Rows) -> None:
         d = self.draft_model
@@ -627,12 +630,13 @@ class DraftTimer:
 
 def make_speculator(model: EarlyExitModel, cache: StaticKVCache, rows: Rows,
                     policy: EnginePolicy | None, *, exit_layer: int | None,
-                    draft: EarlyExitModel | None, prompt_lookup: bool):
+                    draft: EarlyExitModel | None, prompt_lookup: bool, compiled: bool):
     """The drafter by kind, with the policy's head shape and deferral break-even."""
     eager = policy is not None and policy.eager_head
     if draft is not None:
         check_draft_vocabulary(model, draft)
-        return DraftModelSpeculator(model, cache, draft, rows, eager_head=eager)
+        return DraftModelSpeculator(model, cache, draft, rows, eager_head=eager,
+                                    compiled=compiled)
     if prompt_lookup:
         return PromptLookupSpeculator(model, cache, rows.cfg.stop_token_ids, eager_head=eager)
     check_exit_layers([exit_layer], model.num_layers)
@@ -648,7 +652,7 @@ def decode_speculative(model: EarlyExitModel, prompts: list[list[int]], cfg: Dec
                        draft: EarlyExitModel | None = None, prompt_lookup: bool = False,
                        on_round: Callable[[object, list[int]], None] | None = None,
                        policy: EnginePolicy | None = None,
-                       device_loop: bool | None = None) -> BatchRun:
+                       device_loop: bool | None = None, compiled: bool = False) -> BatchRun:
     """`layerskip` when exit_layer is given, `spec` when a draft model is given, `pld` with
     prompt_lookup; see `generate_speculative` for policy and device_loop."""
     if k < 1:
@@ -658,9 +662,10 @@ def decode_speculative(model: EarlyExitModel, prompts: list[list[int]], cfg: Dec
     device_loop = (model.device.type != "cpu" if device_loop is None else device_loop)
     device_loop = device_loop and samplers[0].greedy
     policy = policy if policy is not None else model.engine_policies.get(k)
-    cache = model.new_cache(len(rows), rows.capacity, rows.pads)
+    # Compiled: every decoding forward (1..k+1 tokens) runs the compiled layer step.
+    cache = model.new_cache(len(rows), rows.capacity, rows.pads, max_step=compiled and k + 1)
     spec = make_speculator(model, cache, rows, policy, exit_layer=exit_layer, draft=draft,
-                           prompt_lookup=prompt_lookup)
+                           prompt_lookup=prompt_lookup, compiled=compiled)
     clock, timer = Clock(model, draft), DraftTimer(model.device)
     clock.mark()
     start(model, rows, cache, samplers)
@@ -687,7 +692,8 @@ def decode_speculative(model: EarlyExitModel, prompts: list[list[int]], cfg: Dec
     caches = [cache, *([spec.draft_cache] if draft is not None else [])]
     return BatchRun(rows.generations(
         prefill_s, clock.counts(), caches, draft_s=timer.seconds(), eager_head=spec.eager_head,
-        defer_threshold=getattr(spec, "defer_threshold", None), device_loop=device_loop),
+        defer_threshold=getattr(spec, "defer_threshold", None), device_loop=device_loop,
+        compiled=compiled),
         prefill_s, decode_s)
 
 
@@ -708,34 +714,52 @@ def generate_speculative(model: EarlyExitModel, prompt_ids: list[int], cfg: Deco
     return decode_speculative(model, [prompt_ids], cfg, k, **kwargs).rows[0]
 
 
+def is_compile_error(error: Exception) -> bool:
+    """What a failed torch.compile raises: dynamo and inductor errors, a missing or broken C++
+    compiler. Imported only when the compiled engine ran (dynamo is slow to import)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return isinstance(error, (torch._dynamo.exc.TorchDynamoException,
+                              torch._inductor.exc.InductorError,
+                              torch._inductor.exc.InvalidCxxCompiler,
+                              torch._inductor.exc.CppCompileError))
+
+
 def decode(strategy: str, model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConfig,
-           *, k: int = 4, exit_layer: int | None = None,
-           draft: EarlyExitModel | None = None) -> BatchRun:
-    """Decode a batch with one of lsbench's own strategies."""
-    if strategy == "ar":
-        return decode_ar(model, prompts, cfg)
-    if strategy == "exit":
-        check_exit_layers([exit_layer], model.num_layers)
-        return decode_ar(model, prompts, cfg, depth=exit_layer)
-    if strategy == "layerskip":
-        return decode_speculative(model, prompts, cfg, k, exit_layer=exit_layer)
-    if strategy == "pld":
-        return decode_speculative(model, prompts, cfg, k, prompt_lookup=True)
-    if strategy == "spec":
-        if draft is None:
+           *, k: int = 4, exit_layer: int | None = None, draft: EarlyExitModel | None = None,
+           compiled: bool = False) -> BatchRun:
+    """Decode a batch with one of lsbench's own strategies; `compiled`: the decoding forwards
+    through the compiled layer step (`EarlyExitModel.compile_layers`). A compilation failure
+    is one error line."""
+    try:
+        if strategy == "ar":
+            return decode_ar(model, prompts, cfg, compiled=compiled)
+        if strategy == "exit":
+            check_exit_layers([exit_layer], model.num_layers)
+            return decode_ar(model, prompts, cfg, depth=exit_layer, compiled=compiled)
+        if strategy == "spec" and draft is None:
             raise LsbenchError("strategy 'spec' needs a draft model")
-        return decode_speculative(model, prompts, cfg, k, draft=draft)
+        if strategy in ("layerskip", "pld", "spec"):
+            return decode_speculative(
+                model, prompts, cfg, k, exit_layer=exit_layer, prompt_lookup=strategy == "pld",
+                draft=draft if strategy == "spec" else None, compiled=compiled)
+    except Exception as e:
+        if not (compiled and is_compile_error(e)):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LsbenchError(f"compiling the decoder layers failed ({type(e).__name__}: {first}); "
+                           f"run with --no-compile") from None
     raise LsbenchError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
 
 
 def generate(strategy: str, model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, *,
              k: int = 4, exit_layer: int | None = None,
              draft: EarlyExitModel | None = None, compiled: bool = False) -> Generation:
-    """Run one strategy by name on one prompt; `compiled`: through the compiled forwards."""
-    if compiled:  # CONTRACT: the compiled engine (issue 19) replaces this refusal
-        raise LsbenchError("the compiled engine is not built yet; run with --no-compile")
+    """Run one strategy by name on one prompt; `compiled`: through the compiled forwards
+    (lsbench's own strategies; transformers' references run as they are)."""
     if strategy in HF_STRATEGIES:
         return generate_hf(model, prompt_ids, cfg, strategy, k=k, exit_layer=exit_layer,
                            draft=draft)
     return decode(strategy, model, [prompt_ids], cfg, k=k, exit_layer=exit_layer,
-                  draft=draft).rows[0]
+                  draft=draft, compiled=compiled).rows[0]
