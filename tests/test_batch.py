@@ -164,3 +164,29 @@ def test_batched_sampling_is_reproducible_and_rows_differ(model):
         b = generate_batch(strategy, model, batch, cfg, **kw)
         assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
         assert len({tuple(r.tokens) for r in a.rows}) > 1  # each row draws from its own seed
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral-window", "qwen3", "phi3"])
+def test_batches_are_exact_on_every_architecture(arch):
+    """Padding meets sliding windows (Gemma-2, soft-capped, eager attention; Mistral) and each
+    architecture's layer signature."""
+    import transformers
+
+    from tests.test_engine import ARCH_CONFIGS
+
+    name = "mistral" if arch == "mistral-window" else arch
+    config_cls, extra = ARCH_CONFIGS[name]
+    extra = {**extra, "sliding_window": 4} if arch == "mistral-window" else extra
+    config = config_cls(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, **extra)
+    config._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+    torch.manual_seed(0)
+    adapter = EarlyExitModel(
+        transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval())
+    batch = [[3, 7, 11, 2, 9, 30, 41, 5, 6, 8], [4, 9, 2], [12, 5, 7, 30, 1, 2]]
+    cfg = DecodingConfig(max_new_tokens=10)
+    for strategy, kw in (("ar", {}), ("layerskip", {"exit_layer": 1, "k": 3})):
+        out = generate_batch(strategy, adapter, batch, cfg, **kw)
+        for prompt, row in zip(batch, out.rows, strict=True):
+            assert row.tokens == generate("ar", adapter, prompt, cfg).tokens, (arch, strategy)
