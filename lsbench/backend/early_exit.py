@@ -6,13 +6,12 @@ every layer-token evaluation, which the FLOPs and bytes accounting is built from
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from lsbench.backend.kv_cache import GrowingLayer
+from lsbench.backend.kv_cache import CAPACITY_QUANTUM, LayerSlot, StaticKVCache, attention_mask
 from lsbench.errors import LsbenchError
 
 # model_type values whose layout (model.model.{embed_tokens,layers,norm,rotary_emb},
@@ -109,6 +108,7 @@ class EarlyExitModel:
         # transformers renamed `past_key_values` to `cache`; accept both spellings.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.counts = EvalCounts.zeros(self.num_layers)
+        self.compiled_step: Callable | None = None  # `compile_layers`
 
     def _layer_types(self) -> list[str]:
         types = getattr(self.config, "layer_types", None)
@@ -117,10 +117,32 @@ class EarlyExitModel:
         sliding = getattr(self.config, "sliding_window", None)
         return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
 
-    def new_cache(self) -> Cache:
-        # Every layer keeps all its entries (sliding windows are applied by the mask), so any
-        # layer can be cropped exactly after a rejected draft.
-        return Cache(layers=[GrowingLayer() for _ in range(self.num_layers)])
+    def new_cache(self, batch: int = 1, capacity: int | None = None,
+                  pads: list[int] | None = None, max_step: int = 0) -> StaticKVCache:
+        """A static cache for `batch` rows (left-padded by `pads`). With a capacity (the
+        decoding loops, `kv_cache.capacity_for`) it never reallocates and refuses an overflow;
+        without one it starts at one quantum and doubles when full. Every layer keeps all its
+        entries (sliding windows are applied by the mask), so any layer can be rolled back
+        exactly after a rejected draft. `max_step` > 0: forwards of up to that many tokens run
+        through the compiled layer step (`compile_layers`)."""
+        if max_step:
+            self.compile_layers()
+        return StaticKVCache(self.num_layers, batch, capacity or CAPACITY_QUANTUM, pads=pads,
+                             device=self.layer_devices[0], grow=capacity is None,
+                             max_step=max_step)
+
+    def compile_layers(self, backend: str | Callable = "inductor") -> None:
+        """One `torch.compile`d decoder-layer step shared by every layer (their parameters are
+        graph inputs), specialised per token count: a sweep over exit layers and k compiles
+        once per token count it uses, never per E. On CUDA, CUDA graphs (reduce-overhead).
+        Compilation itself happens at a step's first call (the runner's warm-up)."""
+        if self.compiled_step is not None:
+            return
+        # One graph per token count (and per layer kind): more than dynamo's default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+        self.compiled_step = torch.compile(layer_step, backend=backend, mode=mode,
+                                           fullgraph=True, dynamic=False)
 
     @staticmethod
     def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -130,22 +152,29 @@ class EarlyExitModel:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self._to(ids, self.embed_device)
         hidden = self.backbone.embed_tokens(ids)  # Gemma's embedding applies its own scale
-        self.counts.embed_tokens += ids.shape[1]
+        self.counts.embed_tokens += ids.numel()
         return hidden
 
-    def run_layers(self, hidden: torch.Tensor, cache: Cache, lo: int,
+    def run_layers(self, hidden: torch.Tensor, cache: StaticKVCache, lo: int,
                    hi: int) -> torch.Tensor:
-        """Push `hidden` (positions following layer lo's cached entries) through layers [lo, hi)."""
+        """Push `hidden` ([B, T, d]: every row's next T positions after layer lo's committed
+        entries) through layers [lo, hi), writing their keys and values into `cache`."""
         if lo >= hi:
             return hidden
-        n = hidden.shape[1]
-        start = cache.get_seq_length(lo)
-        rotary_in = self._to(hidden, self.rotary_device)
-        position_ids = torch.arange(start, start + n, device=self.rotary_device).unsqueeze(0)
-        rotary = self.backbone.rotary_emb(rotary_in, position_ids=position_ids)
+        rows, n = hidden.shape[:2]
+        starts = [length - pad for length, pad in zip(cache.host_lengths[lo], cache.pads,
+                                                      strict=True)]
+        write_at = cache.begin(lo, n)
+        offsets = torch.arange(n, device=write_at.device)
+        # [B, T] per row; padding (masked out) gets position 0.
+        position_ids = ((write_at - cache.pad_tensor)[:, None] + offsets).clamp_min(0)
+        position_ids = self._to(position_ids, self.rotary_device)
+        rotary = self.backbone.rotary_emb(self._to(hidden, self.rotary_device),
+                                          position_ids=position_ids)
+        additive = getattr(self.config, "_attn_implementation", None) == "eager"
         # Per device: positions, rotary embeddings and masks, made once when hidden crosses.
         on_device: dict[torch.device, tuple] = {}
-        masks: dict[tuple[str, torch.device], object] = {}
+        masks: dict[tuple, torch.Tensor] = {}
         here = None
         for i in range(lo, hi):
             device = self.layer_devices[i]
@@ -156,25 +185,33 @@ class EarlyExitModel:
                     on_device[device] = (self._to(position_ids, device),
                                          tuple(self._to(t, device) for t in rotary))
             positions, embeddings = on_device[device]
-            kind = self.layer_types[i]
-            if (kind, device) not in masks:
-                make = (create_sliding_window_causal_mask if kind == "sliding_attention"
-                        else create_causal_mask)
-                # layer_idx sizes the mask against this range's own cache length, which
-                # differs from layer 0's while deep layers lag behind the drafted tokens.
-                masks[(kind, device)] = make(
-                    config=self.config, inputs_embeds=hidden, attention_mask=None,
-                    position_ids=positions, layer_idx=i, **{self.cache_kwarg: cache})
-            # The layer's KV cache is allocated from its keys, so it lives on its device too.
-            hidden = self.backbone.layers[i](
-                hidden, attention_mask=masks[(kind, device)], position_ids=positions,
-                position_embeddings=embeddings, use_cache=True,
-                **{self.cache_kwarg: cache},
-            )
-            self.counts.layer_tokens[i] += n
+            key = (self.windows[i], device)
+            if key not in masks:
+                masks[key] = attention_mask(cache, lo, n, self.windows[i], hidden.device,
+                                            hidden.dtype, additive)
+            hidden = self._layer(i, hidden, masks[key], positions, embeddings, cache, write_at)
+            self.counts.layer_tokens[i] += rows * n
             self.counts.layer_calls[i] += 1
-            self.counts.attn_pairs[i] += attended_pairs(start, n, self.windows[i])
+            # Real queries only: a prefill's padding (negative positions) attends nothing.
+            self.counts.attn_pairs[i] += sum(attended_pairs(max(s, 0), n + min(s, 0),
+                                                            self.windows[i]) for s in starts)
+        cache.advance(lo, hi, n)
         return hidden
+
+    def _layer(self, i: int, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               embeddings: tuple, cache: StaticKVCache, write_at: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i: compiled over the whole capacity for the fixed token counts of
+        the decoding steps (`StaticKVCache.static`), eager otherwise (the prefill)."""
+        layer = self.backbone.layers[i]
+        if not cache.static(hidden.shape[1]):
+            return layer(hidden, attention_mask=mask, position_ids=positions,
+                         position_embeddings=embeddings, use_cache=True,
+                         **{self.cache_kwarg: cache})
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or \
+            self.config.num_attention_heads
+        keys, values = cache.buffers(i, kv_heads, layer.self_attn.head_dim, hidden)
+        return self.compiled_step(layer, hidden, mask, positions, *embeddings, keys, values,
+                                  self._to(write_at, hidden.device), self.cache_kwarg)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, applicable after any layer (the early exit); on the head's
@@ -183,9 +220,19 @@ class EarlyExitModel:
         out = self.model.lm_head(self._to(normed, self.device)).float()[..., : self.vocab_size]
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
-        self.counts.head_tokens += hidden.shape[1]
+        self.counts.head_tokens += hidden.shape[0] * hidden.shape[1]
         self.counts.head_calls += 1
         return out
+
+
+def layer_step(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
+               positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, write_at: torch.Tensor, cache_kwarg: str) -> torch.Tensor:
+    """One decoder layer over the static cache's buffers: the compiled region (counting stays
+    outside, in `run_layers`)."""
+    return layer(hidden, attention_mask=mask, position_ids=positions,
+                 position_embeddings=(cos, sin), use_cache=True,
+                 **{cache_kwarg: LayerSlot(keys, values, write_at)})
 
 
 def _module_device(module: torch.nn.Module, default: torch.device | None = None) -> torch.device:
