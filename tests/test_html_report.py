@@ -142,6 +142,8 @@ def assert_tables_hold_the_parquet(tables: Tables, parquet: Path) -> None:
     assert sweep_tps == [by_run[(s, int(e))] for s, e in keys]
     assert column(tables, "sweep-table", "lossy") == [
         "true" if s == "exit" else "false" for s in column(tables, "sweep-table", "strategy")]
+    lossy = [v == "true" for v in column(tables, "sweep-table", "lossy")]
+    assert [v == "lossy" for v in column(tables, "sweep-table", "verdict")] == lossy
     # The audit: one line per non-baseline row, its first mismatch and margin as stored.
     audit = rows[~rows["is_baseline"]].reset_index(drop=True)
     assert [int(v) for v in column(tables, "audit-table", "first_mismatch")] == \
