@@ -142,6 +142,8 @@ def assert_tables_hold_the_parquet(tables: Tables, parquet: Path) -> None:
     assert sweep_tps == [by_run[(s, int(e))] for s, e in keys]
     assert column(tables, "sweep-table", "lossy") == [
         "true" if s == "exit" else "false" for s in column(tables, "sweep-table", "strategy")]
+    lossy = [v == "true" for v in column(tables, "sweep-table", "lossy")]
+    assert [v == "lossy" for v in column(tables, "sweep-table", "verdict")] == lossy
     # The audit: one line per non-baseline row, its first mismatch and margin as stored.
     audit = rows[~rows["is_baseline"]].reset_index(drop=True)
     assert [int(v) for v in column(tables, "audit-table", "first_mismatch")] == \
@@ -245,6 +247,25 @@ def test_html_page_renders_in_headless_chromium(page: Path, swept: Path,
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (4000, 1280)
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50  # not blank
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (chromium, chromium-browser or "
+                    "google-chrome on PATH); .ci/run installs Debian's chromium as root")
+def test_the_browser_check_catches_errors_and_broken_images(page: Path, tmp_path: Path) -> None:
+    """The probe above can fail: the same page with a script error, a console.error call and
+    an image that does not decode added gets all three reported."""
+    broken = tmp_path / "broken.html"
+    text = page.read_text(encoding="utf-8")
+    bad = ('<img alt="broken" src="data:image/png;base64,AAAA">'
+           '<script>console.error("boom"); undefined_function();</script>')
+    broken.write_text(text.replace("<head>", "<head>" + CAPTURE, 1)
+                      .replace("</body>", bad + CHECK + "</body>", 1), encoding="utf-8")
+    run = chromium("--dump-dom", "--virtual-time-budget=5000", broken.as_uri(), tmp=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdict = json.loads("".join(parse(run.stdout).verdict))
+    assert any("boom" in e for e in verdict["errors"])
+    assert any("undefined_function" in e for e in verdict["errors"])
+    assert verdict["broken"] == ["broken"]
 
 
 def test_json_report_matches_the_parquet(swept: Path, scanned: Path, tmp_path: Path) -> None:

@@ -161,6 +161,9 @@ def _sweep_section(df: pd.DataFrame) -> str:
     table = sweep_table(df)
     classes = ["best" if b else "lossy" if lossy else ""
                for b, lossy in zip(table["best"], table["lossy"], strict=True)]
+    # A lossy run differs from autoregressive output by design: its verdict reads lossy, as in
+    # the terminal's table, not MISMATCH (the JSON keeps the raw verdict).
+    table = table.assign(verdict=table["verdict"].where(~table["lossy"].astype(bool), "lossy"))
     # sweep_renderables makes one rich table per block in this order, each followed by its lines
     # (a block per batch size when there are several).
     batched = _batched(table)
