@@ -189,9 +189,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     base = rows["baseline_strategy"] if "baseline_strategy" in rows else pd.Series(None,
                                                                                   index=rows.index)
     rows = rows.assign(baseline_strategy=base.fillna("ar"))
-    # Files of schema version 3 and older decoded one example at a time.
+    # Files of schema version 3 and older decoded one example at a time (no batch size: 1).
     sizes = rows["batch_size"] if "batch_size" in rows else pd.Series(1, index=rows.index)
-    rows = rows.assign(batch_size=pd.to_numeric(sizes).fillna(1).astype("int64"))
+    sizes = pd.to_numeric(sizes).fillna(1).astype("int64")
+    rows = rows.assign(batch_size=sizes.where(sizes >= 1, 1))
     out = []
     for key, g in rows.groupby(keys, sort=False, dropna=False):
         rec = dict(zip(keys, key, strict=True))
