@@ -146,13 +146,15 @@ def test_batched_costs(batched) -> None:
 
 
 def test_batch_costs_share_the_weight_reads() -> None:
-    rows = [{"weight_bytes_read": 400, "flops_decode": 10.0},
-            {"weight_bytes_read": 1000, "flops_decode": 30.0}]
-    out = batch_costs(rows, 2.0, peak=1e-9, peak_gflops=1e-9)
+    # Both rows carry their batch's counts: 1000 bytes and 40 FLOPs for the two of them.
+    rows = [{"weight_bytes_read": 1000, "flops_decode": 40.0, "flops_prefill": 8.0}] * 2
+    out = batch_costs(rows, [3, 5], 2.0, peak=1e-9, peak_gflops=1e-9)
     # 1000 bytes read once for both rows: 500 each; 1000 B / (1e-9 GB/s) = 1000 s vs
     # 40 FLOPs / (1e-9 GFLOP/s) = 40 s: weight reads bound the batch
     assert [r["weight_bytes_read"] for r in out] == [500, 500]
-    assert [r["flops_decode"] for r in out] == [10.0, 30.0]
+    assert [r["flops_decode"] for r in out] == [20.0, 20.0]
+    assert [r["flops_prefill"] for r in out] == [4.0, 4.0]
+    assert out[0]["flops_per_output_token"] == 40.0 / 8
     assert out[0]["achieved_gbps"] == out[1]["achieved_gbps"] == pytest.approx(1000 / 2 / 1e9)
     assert out[0]["peak_gflops"] == 1e-9
     assert out[0]["roofline_fraction"] == pytest.approx(1000 / 2.0)

@@ -92,11 +92,6 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_s", pa.float64(), "seconds from start to the first new token"),
     ("decode_s", pa.float64(), "seconds from the first new token to the last"),
     ("total_s", pa.float64(), "prefill_s + decode_s"),
-    ("step_end_s", pa.list_(pa.float64()), "end of each decode step after the first token "
-     "(a round of a speculative loop, a token of ar/exit, a streamer callback of hf-*), in "
-     "seconds since the first token: the raw data of tpot_s and itl_*"),
-    ("step_tokens", pa.list_(pa.int64()), "tokens each decode step emitted (sums to "
-     "decode_tokens)"),
     ("draft_s", pa.float64(), "seconds spent proposing drafts, part of decode_s (lsbench's "
      "speculative loops; 0 for ar/exit, NaN for transformers' runs)"),
     ("lossy", pa.bool_(), "true for strategies whose output may differ from the full model's by "
@@ -137,15 +132,23 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
      "Latency); NaN without decode tokens"),
     ("itl_p90_s", pa.float64(), "90th percentile of the same inter-token latencies"),
     ("itl_p99_s", pa.float64(), "99th percentile of the same inter-token latencies"),
+    ("step_end_s", pa.list_(pa.float64()), "end of each decode step after the first token "
+     "(a round of a speculative loop, a token of ar/exit, a streamer callback of hf-*), in "
+     "seconds since the first token: the raw data of tpot_s and itl_*"),
+    ("step_tokens", pa.list_(pa.int64()), "tokens each decode step emitted (sums to "
+     "decode_tokens)"),
     ("acceptance_rate", pa.float64(), "accepted drafts / drafted tokens (NaN without drafts)"),
     ("mean_accepted_len", pa.float64(), "tokens emitted per round incl. the bonus; 1.0 for AR"),
-    ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input)"),
-    ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + draft"),
-    ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens"),
+    ("flops_prefill", pa.float64(), "FLOPs counted for the prompt (per input); at batch "
+     "size B the row's share, batch / rows"),
+    ("flops_decode", pa.float64(), "FLOPs counted after the first token, target + "
+     "draft; at batch size B the row's share, batch / rows"),
+    ("flops_per_output_token", pa.float64(), "flops_decode / decode_tokens; at batch "
+     "size B the batch's FLOPs / all its rows' decode tokens"),
     ("weight_bytes_read", pa.int64(), "weight bytes read in decode, target + draft: layer calls "
      "x layer bytes + LM-head calls x head bytes + embedded tokens x one embedding row; at "
      "batch size B the row's share, batch bytes / rows of the batch (weights are read once per "
-     "step for all rows; the batch's bytes are its costliest row's)"),
+     "step for all rows)"),
     ("achieved_gbps", pa.float64(), "weight bytes read / decode seconds / 1e9 of the row's batch "
      "(the row's own at batch size 1)"),
     ("peak_gbps", pa.float64(), "the device's memory copy bandwidth in GB/s (read + write), "

@@ -223,22 +223,28 @@ def roofline_s(weight_bytes: float, flops: float, peak: float, peak_gflops: floa
     return max(bounds) if bounds else math.nan
 
 
-def batch_costs(costs: list[dict], batch_decode_s: float, peak: float,
+def batch_costs(costs: list[dict], decode_tokens: list[int], batch_decode_s: float, peak: float,
                 peak_gflops: float) -> list[dict]:
-    """The rows' `generation_cost` columns with the batch dimension. Weights are read once per
-    step for all rows, and a batch steps until its longest row ends, so the batch's weight
-    bytes are its costliest row's; each row is charged an equal share (batch bytes / rows).
-    FLOPs stay each row's own. achieved_gbps and roofline_fraction describe the batch (the
-    same in each of its rows): batch bytes / batch decode time, and the roofline's time
-    (`roofline_s`, over the rows' FLOPs summed) / batch decode time. A row alone is a batch
-    of one: its columns are `generation_cost`'s."""
+    """The rows' `generation_cost` columns with the batch dimension. The engine's rows each
+    carry their batch's counts (every forward runs over all B rows, finished ones included:
+    static batching), so the batch's FLOPs and weight bytes are any row's; each row is charged
+    an equal share (batch / rows), and flops_per_output_token is the batch's FLOPs over all its
+    rows' decode tokens. achieved_gbps and roofline_fraction describe the batch (the same in
+    each of its rows): batch bytes / batch decode time, and the roofline's time (`roofline_s`)
+    / batch decode time. A row alone is a batch of one: its columns are `generation_cost`'s."""
+    n = len(costs)
     batch_bytes = max(c["weight_bytes_read"] for c in costs)
-    batch_flops = sum(c["flops_decode"] for c in costs)
+    batch_flops = max(c["flops_decode"] for c in costs)
+    batch_prefill = max(c["flops_prefill"] for c in costs)
     achieved, _ = roofline(batch_bytes, batch_decode_s, peak)
     bound = roofline_s(batch_bytes, batch_flops, peak, peak_gflops)
     fraction = bound / batch_decode_s if batch_decode_s > 0 and batch_bytes else math.nan
-    return [{**c, "weight_bytes_read": batch_bytes // len(costs), "achieved_gbps": achieved,
-             "roofline_fraction": fraction, "peak_gflops": peak_gflops} for c in costs]
+    tokens = sum(decode_tokens)
+    return [{**c, "weight_bytes_read": batch_bytes // n, "flops_decode": batch_flops / n,
+             "flops_prefill": batch_prefill / n,
+             "flops_per_output_token": batch_flops / tokens if tokens else math.nan,
+             "achieved_gbps": achieved, "roofline_fraction": fraction,
+             "peak_gflops": peak_gflops} for c in costs]
 
 
 # --- memory -------------------------------------------------------------------------------

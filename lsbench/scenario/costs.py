@@ -258,7 +258,7 @@ def measure_cost_table(model: EarlyExitModel, context: list[int], max_tokens: in
     of calls over B rows of that context (a batch's forward over B rows x n tokens)."""
     timed = _timer(model.device, repeats)
     L = model.num_layers
-    cache = model.new_cache()
+    cache = model.new_cache(batch)
     ids = torch.tensor([context] * batch, device=model.device)
     model.run_layers(model.embed(ids), cache, 0, L)
     counts = model.counts.copy()

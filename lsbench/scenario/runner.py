@@ -625,9 +625,11 @@ def _batch_costs(loaded: _Loaded, run: RunSpec, bgen: BatchGeneration) -> list[d
     batch-1 run's rows are each a batch of their own."""
     costs = [_cost(loaded, run, g) for g in bgen.rows]
     if run.batch_size == 1:
-        return [batch_costs([c], g.decode_s, loaded.peak_gbps, loaded.peak_gflops)[0]
+        return [batch_costs([c], [g.decode_tokens], g.decode_s, loaded.peak_gbps,
+                            loaded.peak_gflops)[0]
                 for c, g in zip(costs, bgen.rows, strict=True)]
-    return batch_costs(costs, bgen.decode_s, loaded.peak_gbps, loaded.peak_gflops)
+    return batch_costs(costs, [g.decode_tokens for g in bgen.rows], bgen.decode_s,
+                       loaded.peak_gbps, loaded.peak_gflops)
 
 
 def _batch_columns(run: RunSpec, batch: Batch, bgen: BatchGeneration, gen: Generation) -> dict:
