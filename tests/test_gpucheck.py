@@ -37,7 +37,7 @@ def test_tiny_dry_run_runs_every_step(dry_run):
     out, code = dry_run
     steps = steps_of(out)
     assert code == 0
-    for name in ("environment", "tests", "bench", "quickstart", "ab"):
+    for name in ("environment", "tests", "bench", "compiled", "quickstart", "ab"):
         assert steps[name]["status"] == "ok", (name, steps[name]["reason"])
     env = steps["environment"]["details"]
     assert env["peak_gbps"] > 0 and env["device"] == "cpu" and env["tiny"]
@@ -47,7 +47,20 @@ def test_tiny_dry_run_runs_every_step(dry_run):
     assert tests["bfloat16"]["passed"] + tests["bfloat16"]["failed"] > 0
     for dtype in ("bfloat16", "float32"):
         assert steps["bench"]["details"][dtype]["exit_status"] in (0, 1)
-        assert (out / "bench" / f"bench-{dtype}.txt").read_text().count(" vs ") >= 2
+        bench_text = (out / "bench" / f"bench-{dtype}.txt").read_text()
+        assert bench_text.count(" vs ") >= 2
+        assert "compiled ar vs" not in bench_text  # the compiled step of its own has them
+    # step 4: compiled against eager, side by side, with rooflines and operator counts
+    compiled = steps["compiled"]["details"]
+    assert compiled["dtype"] == "bfloat16" and compiled["compile_s"] > 0
+    assert isinstance(compiled["greedy_equal_to_eager_ar"], bool)
+    for name in ("ar", "layerskip"):
+        r = compiled[name]
+        assert r["eager_tokens_per_s"] > 0 and r["compiled_tokens_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["compiled_tokens_per_s"]
+                                             / r["eager_tokens_per_s"])
+        assert r["eager_roofline"] > 0 and r["compiled_roofline"] > 0
+    assert compiled["ops_per_token"]["eager"] > compiled["ops_per_token"]["compiled"] > 0
     quick = steps["quickstart"]["details"]
     assert quick["baseline_roofline_fraction"] > 0
     rows = pd.read_parquet(out / "quickstart" / "quickstart.parquet")
@@ -69,7 +82,7 @@ def test_tiny_dry_run_runs_every_step(dry_run):
         assert set(twin.exit_layer) == {0, 1, 2, 3, 4}  # every exit layer of the tiny twin
     for figure in [*quick["figures"], *ab["figures"], *steps["scan"]["details"]["figures"]]:
         assert (out / figure).stat().st_size > 0
-    # step 6: the all-cpu device map through the same path as the GPU's split, lossless
+    # step 7: the all-cpu device map through the same path as the GPU's split, lossless
     devices = steps["devices"]
     assert devices["status"] == "ok", devices["reason"]
     assert not devices["details"]["split"] and "all-cpu" in devices["details"]["label"]
@@ -80,7 +93,7 @@ def test_tiny_dry_run_runs_every_step(dry_run):
     assert (mapped.device_map == str(map_file)).all() and mapped.matches_baseline.all()
     assert set(mapped.strategy) == {"ar", "layerskip"} and set(mapped.exit_layer) == {0, 1, 2}
     assert all(r["tokens_per_s"] > 0 and r["lossless"] for r in devices["details"]["runs"])
-    # step 7: the LayerSkip twin scanned at every exit layer, k = 1..3, its 3 best verified
+    # step 8: the LayerSkip twin scanned at every exit layer, k = 1..3, its 3 best verified
     scan = steps["scan"]
     assert scan["status"] == "ok", scan["reason"]
     assert scan["details"]["exit_layers"] == [1, 2, 3, 4] and scan["details"]["ks"] == [1, 2, 3]
@@ -102,8 +115,8 @@ def test_summary_md_has_a_line_per_step_and_every_section(dry_run):
     text = (out / "summary.md").read_text()
     for name in STEP_NAMES:
         assert f"| {name} |" in text
-    for section in ("## environment", "## tests", "## bench", "## quickstart", "## ab",
-                    "## devices", "## scan", "all-cpu map", "Predicted against measured",
+    for section in ("## environment", "## tests", "## bench", "## compiled", "## quickstart",
+                    "## ab", "## devices", "## scan", "all-cpu map", "Predicted against measured",
                     "LayerSkip A/B", "Final-layer held-out loss", "Baseline roofline"):
         assert section in text
     assert "![speedup_vs_exit_layer](ab/plots/speedup_vs_exit_layer.png)" in text
@@ -118,6 +131,7 @@ def test_a_spent_budget_skips_steps_with_reasons_and_still_writes_summaries(tmp_
     assert by_name["environment"].startswith("out of time")
     assert by_name["tests"].startswith("out of time")
     assert by_name["quickstart"] == "needs the environment step, which did not succeed"
+    assert by_name["compiled"] == "needs the environment step, which did not succeed"
     assert by_name["devices"] == "needs the environment step, which did not succeed"
     assert by_name["scan"].startswith("out of time")
     assert steps_of(tmp_path)["ab"]["status"] == "skipped"

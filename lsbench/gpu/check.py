@@ -6,11 +6,12 @@ its reason written down when its time has run out or its prerequisite is missing
 
 Steps: (1) environment and the device's copy bandwidth, (2) the CUDA-marked tests and the
 layerskip = ar exactness tests on the device in fp32 and bf16, (3) `make bench-engine` in short
-form in bf16 and fp32, (4) the quickstart sweep with plots, (5) the blog's pair: SmolLM2-135M
+form in bf16 and fp32, (4) the compiled engine against eager `ar` and `layerskip` in bf16 with
+their roofline fractions, (5) the quickstart sweep with plots, (6) the blog's pair: SmolLM2-135M
 trained on for the same tokens twice, with the LayerSkip recipe and without, swept at every
-exit layer with k = 2, 4, 6 on held-out articles, (6) a short sweep with a device map that
-splits the layers between cuda:0 and the CPU (all-cpu in the dry run), (7) `lsbench scan` of
-step 5's LayerSkip twin with its 3 best points verified. OUT ends with summary.md, summary.json
+exit layer with k = 2, 4, 6 on held-out articles, (7) a short sweep with a device map that
+splits the layers between cuda:0 and the CPU (all-cpu in the dry run), (8) `lsbench scan` of
+step 6's LayerSkip twin with its 3 best points verified. OUT ends with summary.md, summary.json
 and the figures; both summaries are rewritten after every step, so an interrupted check keeps
 what it did. `--device cpu --tiny` runs the same steps at toy scale (a tiny random model, a few
 training steps, a handful of tokens). Exit status 1 when a step failed, else 0 (skipped and
@@ -45,6 +46,7 @@ STEPS: list[tuple[str, float, tuple[float, float]]] = [
     ("environment", 2, (5, 1)),
     ("tests", 2, (20, 5)),
     ("bench", 4, (20, 5)),
+    ("compiled", 3, (30, 5)),
     ("quickstart", 3, (20, 5)),
     ("ab", 16, (120, 10)),
     ("devices", 1, (20, 3)),
@@ -92,7 +94,7 @@ class Check:
     lr: float = 1e-4
     deadline: float = 0.0
     say: Callable[[str], None] = print
-    twins: dict[str, str] = field(default_factory=dict)  # step 5's trained models, by kind
+    twins: dict[str, str] = field(default_factory=dict)  # step 6's trained models, by kind
     _model: str | None = None
 
     def left(self) -> float:
@@ -240,7 +242,7 @@ def step_bench(c: Check, step: Step) -> None:
     from lsbench.benchmarks import bench
 
     out = c.dir("bench")
-    args = ["--model", c.model(), "--device", c.device, "--prompts", "3"]
+    args = ["--model", c.model(), "--device", c.device, "--prompts", "3", "--skip-compiled"]
     if c.tiny:
         args += ["--max-new-tokens", "8", "--exit-layers", "2", "--repeats", "1",
                  "--max-input-tokens", "64"]
@@ -260,7 +262,84 @@ def step_bench(c: Check, step: Step) -> None:
                           "```", *lines, "```", ""]
 
 
-# --- 4. the quickstart sweep ----------------------------------------------------------------
+# --- 4. the compiled engine ----------------------------------------------------------------
+
+COMPILED_GOAL, ROOFLINE_GOAL = 5.0, 0.60  # on a GPU; the roofline goal is for bf16 models >= 1B
+
+
+def step_compiled(c: Check, step: Step) -> None:
+    """Compiled against eager `ar` and `layerskip` (E = 3L/4, k = 4) in bf16 on the device,
+    side by side (`bench.side_by_side`), with each one's roofline fraction; compilation and
+    graph capture happen in an unmeasured warm-up, reported as `compile_s`. A compiled output
+    that differs from eager ar's is recorded (bf16 can flip near-ties), not a failure; a
+    compilation that fails is."""
+    from lsbench.backend.early_exit import EarlyExitModel
+    from lsbench.backend.loading import load_model
+    from lsbench.benchmarks import bench
+    from lsbench.engine.generation import DecodingConfig
+    from lsbench.engine.strategies import generate
+    from lsbench.scenario.accounting import WeightModel, count_weight_bytes, peak_gbps, roofline
+    from lsbench.scenario.data import DatasetSpec, build_prompt, load_examples
+    from lsbench.scenario.runner import stop_token_ids
+
+    loaded = load_model(c.model(), dtype="bfloat16", device=c.device)
+    model = EarlyExitModel(loaded.model)
+    n_prompts, new_tokens, max_input, repeats = (2, 8, 64, 1) if c.tiny else (3, 48, 384, 2)
+    examples, _ = load_examples(DatasetSpec("lee-news", limit=n_prompts))
+    prompts = [build_prompt(loaded.tokenizer, ex.article, max_input).ids for ex in examples]
+    cfg = DecodingConfig(max_new_tokens=new_tokens, stop_token_ids=stop_token_ids(loaded))
+    k, e = 4, max(1, 3 * model.num_layers // 4)
+    reference = {i: generate("ar", model, p, cfg).tokens for i, p in enumerate(prompts)}
+    c.check_time()
+    pairs = {"ar": [("ar", None, False), ("ar", None, True)],
+             "layerskip": [("layerskip", e, False), ("layerskip", e, True)]}
+    t0 = time.perf_counter()
+    bench._warm(model, prompts[0], [x for pair in pairs.values() for x in pair], k)
+    compile_s = time.perf_counter() - t0
+    peak = peak_gbps(str(model.device))
+    wm = WeightModel.from_model(model)
+    results, lossless = {}, True
+    for name, configs in pairs.items():
+        c.check_time()
+        tps, gens, same = bench.side_by_side(model, prompts, cfg, configs, k, repeats, reference)
+        lossless &= same
+        fractions = [roofline(count_weight_bytes(wm, gens[x].decode_counts),
+                              gens[x].decode_s, peak)[1] for x in configs]
+        results[name] = {"eager_tokens_per_s": tps[configs[0]],
+                         "compiled_tokens_per_s": tps[configs[1]],
+                         "speedup": tps[configs[1]] / tps[configs[0]],
+                         "eager_roofline": fractions[0], "compiled_roofline": fractions[1]}
+    ops = {mode: bench.ops_per_token(model, prompts[0], compiled=mode == "compiled")
+           for mode in ("eager", "compiled")}
+    params = loaded.num_parameters
+    step.details = {"model": c.model(), "dtype": "bfloat16", "exit_layer": e, "k": k,
+                    "prompts": len(prompts), "max_new_tokens": new_tokens,
+                    "compile_s": compile_s, "peak_gbps": peak, "params": params,
+                    "ops_per_token": ops, "greedy_equal_to_eager_ar": lossless, **results}
+    big = params >= 1e9
+    step.markdown = [
+        f"{c.model()} in bf16, {len(prompts)} prompts, {new_tokens} new tokens; compilation "
+        f"and graph capture in the warm-up: {compile_s:.1f} s.", "",
+        "| strategy | eager tok/s | compiled tok/s | compiled / eager | eager roofline | "
+        "compiled roofline |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        label = "ar" if name == "ar" else f"layerskip E={e} k={k}"
+        step.markdown.append(
+            f"| {label} | {r['eager_tokens_per_s']:.1f} | {r['compiled_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['eager_roofline']:.0%} | {r['compiled_roofline']:.0%} |")
+    step.markdown += [
+        "", f"Goals on a GPU: compiled ar >= {COMPILED_GOAL:.0f}x eager "
+        f"({results['ar']['speedup']:.2f}x here); >= {ROOFLINE_GOAL:.0%} of the copy "
+        f"bandwidth ({peak:.0f} GB/s) for bf16 models of 1B parameters or more "
+        + (f"({results['ar']['compiled_roofline']:.0%} here)." if big
+           else f"(this model has {params / 1e6:.0f}M: not judged)."),
+        f"Operator calls per decoded token (ar): eager {ops['eager']:.0f}, compiled "
+        f"{ops['compiled']:.0f}.",
+        "Greedy outputs of both engines equal eager ar's: "
+        + ("yes." if lossless else "NO (bf16 near-ties can flip; see the tests step's fp32).")]
+
+
+# --- 5. the quickstart sweep ----------------------------------------------------------------
 
 def sweep_settings(c: Check, file: Path, overrides: dict[tuple[str, str], object]):
     from lsbench.scenario.jobs import Settings
@@ -324,7 +403,7 @@ def step_quickstart(c: Check, step: Step) -> None:
         step.status, step.reason = "partial", "the sweep reached its share of the budget"
 
 
-# --- 5. the blog's pair on a real model -----------------------------------------------------
+# --- 6. the blog's pair on a real model -----------------------------------------------------
 
 def twin_config(c: Check):
     from lsbench.training.train import TrainConfig
@@ -459,7 +538,7 @@ def step_ab(c: Check, step: Step) -> None:
         step.status, step.reason = "partial", "the twins' sweeps reached their share of the budget"
 
 
-# --- 6. a model across devices --------------------------------------------------------------
+# --- 7. a model across devices --------------------------------------------------------------
 
 def device_map_for(num_layers: int, device: str) -> dict[str, str]:
     """A --device-map file's mapping: on CUDA the embeddings and the first half of the layers
@@ -517,10 +596,10 @@ def step_devices(c: Check, step: Step) -> None:
         step.status, step.reason = "partial", "the sweep reached its share of the budget"
 
 
-# --- 7. lsbench scan ---------------------------------------------------------------------------
+# --- 8. lsbench scan ---------------------------------------------------------------------------
 
 def step_scan(c: Check, step: Step) -> None:
-    """Scan step 5's LayerSkip twin at every exit layer and k = 1..8 on the held-out articles,
+    """Scan step 6's LayerSkip twin at every exit layer and k = 1..8 on the held-out articles,
     then time the 3 best predicted points with the sweep machinery (`lsbench scan --verify`)."""
     from lsbench.backend.loading import model_num_layers
     from lsbench.reporting import scan_report
@@ -534,7 +613,7 @@ def step_scan(c: Check, step: Step) -> None:
     twin = c.twins.get("layerskip")
     heldout = c.out / "ab" / "heldout-news.jsonl"
     if not twin or not (Path(twin) / "config.json").is_file() or not heldout.is_file():
-        raise _Skip("needs the LayerSkip twin of step 5, which did not produce one")
+        raise _Skip("needs the LayerSkip twin of step 6, which did not produce one")
     out = c.dir("scan")
     overrides: dict = {("", "name"): "gpucheck-scan", ("sweep", "exit_layers"): "all",
                        ("sweep", "num_speculations"): "1:3" if c.tiny else "1:8",
@@ -580,10 +659,11 @@ class _Skip(Exception):
 
 STEP_FUNCTIONS: dict[str, Callable[[Check, Step], None]] = {
     "environment": step_environment, "tests": step_tests, "bench": step_bench,
+    "compiled": step_compiled,
     "quickstart": step_quickstart, "ab": step_ab, "devices": step_devices, "scan": step_scan,
 }
-DEPENDS = {"bench": "environment", "quickstart": "environment", "ab": "environment",
-           "devices": "environment"}
+DEPENDS = {"bench": "environment", "compiled": "environment", "quickstart": "environment",
+           "ab": "environment", "devices": "environment"}
 
 
 # --- orchestration and summaries -----------------------------------------------------------
@@ -656,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy scale (CPU dry run)")
     parser.add_argument("--model", default="smollm2-135m",
-                        help="model of steps 3-5 (step 5 continues training it)")
+                        help="model of steps 3-6 (step 6 continues training it)")
     parser.add_argument("--epochs", type=float, default=3.0,
                         help="training passes over the text per twin (unless --train-tokens)")
     parser.add_argument("--train-tokens", type=int, default=0, help="tokens per twin")
