@@ -15,6 +15,7 @@ from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
 from tests.conftest import tiny_model
+from tests.test_engine import _chi_square_p, _exact_joint
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
 CFG = DecodingConfig(max_new_tokens=12)
@@ -26,11 +27,12 @@ def model() -> EarlyExitModel:
 
 
 def test_compiled_greedy_equals_eager_and_ar(model):
+    """Every E of the tiny model at k = 1..8 (12 tokens: most k cut the last round short)."""
     ar = generate("ar", model, PROMPT, CFG).tokens
     compiled = generate("ar", model, PROMPT, CFG, compiled=True)
     assert compiled.tokens == ar and compiled.compiled
     assert not generate("ar", model, PROMPT, CFG).compiled
-    for k in (1, 3):
+    for k in range(1, 9):
         for e in range(1, model.num_layers + 1):
             gen = generate("layerskip", model, PROMPT, CFG, k=k, exit_layer=e, compiled=True)
             eager = generate("layerskip", model, PROMPT, CFG, k=k, exit_layer=e)
@@ -43,6 +45,47 @@ def test_compiled_greedy_equals_eager_and_ar(model):
     assert generate("spec", model, PROMPT, CFG, k=3, draft=draft, compiled=True).tokens == ar
     assert generate("exit", model, PROMPT, CFG, exit_layer=2, compiled=True).tokens == \
         generate("exit", model, PROMPT, CFG, exit_layer=2).tokens
+
+
+def test_compiled_greedy_stops_on_a_stop_token_inside_a_draft(model):
+    """A stop token that ar emits mid-output: drafts that contain it end the run there."""
+    stop = generate("ar", model, PROMPT, CFG).tokens[5]
+    cfg = DecodingConfig(max_new_tokens=12, stop_token_ids=(stop,))
+    ar = generate("ar", model, PROMPT, cfg).tokens
+    assert ar[-1] == stop and len(ar) < 12
+    stopped_in_draft = False
+    for k in (3, 5):
+        for e in range(1, model.num_layers + 1):
+            gen = generate("layerskip", model, PROMPT, cfg, k=k, exit_layer=e, compiled=True)
+            assert gen.tokens == ar, (e, k)
+            stopped_in_draft |= gen.accepted[-1] > 0  # the last round accepted drafts
+    assert stopped_in_draft
+
+
+def test_compiled_sampling_preserves_the_target_distribution():
+    """The chi-square test of the eager engine (test_engine.py), through the compiled step."""
+    target = EarlyExitModel(tiny_model(seed=3, num_layers=3, vocab_size=6))
+    draft = EarlyExitModel(tiny_model(seed=11, num_layers=1, vocab_size=6))
+    prompt = [1, 4, 2, 5]
+    cfg = DecodingConfig(max_new_tokens=3, do_sample=True, temperature=0.8, top_k=5,
+                         top_p=0.95)
+    exact = _exact_joint(target, prompt, cfg, depth=3)
+    n = 1500
+    runs = {"ar": {}, "layerskip": {"exit_layer": 1, "k": 2}, "spec": {"draft": draft, "k": 2}}
+    for name, kwargs in runs.items():
+        counts: dict = {}
+        drafted = accepted = 0
+        for seed in range(n):
+            run_cfg = DecodingConfig(**{**cfg.__dict__, "seed": seed})
+            gen = generate(name, target, prompt, run_cfg, compiled=True, **kwargs)
+            assert gen.compiled
+            key = tuple(gen.tokens)
+            counts[key] = counts.get(key, 0) + 1
+            drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
+        if name != "ar":  # both acceptance and rejection exercised
+            assert 0 < accepted < drafted, name
+        assert len(counts) > 1, name
+        assert _chi_square_p(counts, exact, n) > 1e-3, name
 
 
 def test_a_sweep_over_exit_layers_compiles_once_per_token_count(model):

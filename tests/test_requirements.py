@@ -14,9 +14,10 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.backend.kv_cache import StaticKVCache, attention_mask
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.hf_reference import neutral_generation_config
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import tiny_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,39 +58,41 @@ def test_the_transformers_api_lsbench_uses_exists():
     assert hasattr(transformers.GenerationMixin, "_prepare_generation_config")
 
 
-def _cache_with_lengths(config, lengths: list[int]):
-    """A DynamicCache whose layer i holds lengths[i] entries (deep layers lag behind)."""
-    from transformers.cache_utils import DynamicCache
+# The engine's mask over a cache whose layer 2 lags layer 0 (verification of deep layers), two
+# left-padded rows (pads 0 and 1), 2 new tokens at layer 2: row 0's queries sit at slots 2, 3,
+# row 1's at 3, 4 (slot 0 is its padding). Written out by hand, one row of keys per query.
+CAUSAL = [[[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]],
+          [[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]]]
+WINDOW_2 = [[[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]],
+            [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]]
 
-    cache = DynamicCache(config=config)
-    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    for i, n in enumerate(lengths):
-        cache.update(torch.zeros(1, heads, n, dim), torch.zeros(1, heads, n, dim), i)
+
+def _lagging_cache(max_step: int = 0) -> StaticKVCache:
+    cache = StaticKVCache(3, batch=2, capacity=8, pads=[0, 1], max_step=max_step)
+    cache.host_lengths = [[4, 5], [4, 5], [2, 3]]  # slots taken per layer and row
+    cache.lengths = torch.tensor(cache.host_lengths)
     return cache
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_the_installed_mask_builders_size_each_layer_by_its_own_cache(window):
-    """run_layers passes layer_idx and the cache to transformers' mask builders: a builder
-    that swallowed either (a **kwargs signature) would size the mask by layer 0 or by no
-    cache at all. Layer 2 holds 2 entries, layer 0 holds 5; 3 new tokens at positions 2..4."""
-    from transformers.masking_utils import (
-        create_causal_mask,
-        create_sliding_window_causal_mask,
-    )
-
-    config = tiny_config(num_layers=3, sliding_window=window)
-    config._attn_implementation = "eager"  # a materialized additive mask, comparable as is
-    make = create_causal_mask if window is None else create_sliding_window_causal_mask
-    hidden = torch.zeros(1, 3, config.hidden_size)
-    positions = torch.arange(2, 5).unsqueeze(0)
-    mask = make(config=config, inputs_embeds=hidden, attention_mask=None,
-                position_ids=positions, layer_idx=2, cache=_cache_with_lengths(config, [5, 5, 2]))
-    q = positions[0, :, None]
-    k = torch.arange(5)[None, :]
-    allowed = (k <= q) & ((q - k < window) if window else True)
-    assert mask is not None and mask.shape[-2:] == (3, 5)
-    assert torch.equal(mask[0, 0] == 0, allowed)
+@pytest.mark.parametrize(("window", "expected"), [(None, CAUSAL), (2, WINDOW_2)])
+def test_the_mask_sizes_each_layer_by_its_own_lengths(window, expected):
+    """run_layers builds its masks from the static cache's per-layer, per-row lengths (no
+    transformers mask builder whose signature could swallow the layer or the cache): a mask
+    sized by layer 0's lengths, or blind to a row's padding or to the window, differs."""
+    cache = _lagging_cache()
+    mask = attention_mask(cache, 2, 2, window, torch.device("cpu"), torch.float32,
+                          additive=False)
+    assert mask.dtype == torch.bool and mask.shape == (2, 1, 2, 5)
+    assert mask[:, 0].int().tolist() == expected
+    additive = attention_mask(cache, 2, 2, window, torch.device("cpu"), torch.float32,
+                              additive=True)
+    assert torch.equal(additive == 0, mask)
+    assert (additive[~mask] == torch.finfo(torch.float32).min).all()
+    # the compiled step's fixed shape: the whole capacity, the unused slots hidden
+    static = attention_mask(_lagging_cache(max_step=2), 2, 2, window, torch.device("cpu"),
+                            torch.float32, additive=False)
+    assert static.shape == (2, 1, 2, 8)
+    assert torch.equal(static[..., :5], mask) and not static[..., 5:].any()
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, 3])

@@ -220,12 +220,12 @@ def _compiled_generation_config(gen_cfg: GenerationConfig, device: torch.device
     return gen_cfg
 
 
-@torch.inference_mode()
-def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
-                *, k: int = 4, exit_layer: int | None = None,
-                draft: EarlyExitModel | None = None) -> Generation:
-    """`hf-ar`, `hf-ar-compiled`, `hf-assisted`, `hf-early-exit` or `hf-pld` through
-    model.generate()."""
+def _generate_arguments(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig,
+                        strategy: str, k: int, exit_layer: int | None,
+                        draft: EarlyExitModel | None) -> tuple[GenerationConfig, dict]:
+    """What generate() is called with for one hf-* strategy: its generation config and the
+    extra arguments (the assistant model, hf-ar-compiled's static cache). Refuses what
+    transformers cannot run like for like."""
     extra: dict = {}
     early_exit = None
     if strategy == "hf-assisted":
@@ -247,13 +247,23 @@ def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfi
     padded = range(model.vocab_size, model.model.lm_head.out_features)
     if len(padded):  # LM-head rows past the tokenizer: never chosen, as in lsbench's loops
         gen_cfg.suppress_tokens = list(padded)
-    prompt = prompt_tensor(model, prompt_ids)
-    compiled = strategy == "hf-ar-compiled"
-    if compiled:  # the static cache generate() builds for cache_implementation="static"
+    if strategy == "hf-ar-compiled":  # the static cache generate() builds for "static"
         gen_cfg = _compiled_generation_config(gen_cfg, model.device)
         bucket = STATIC_CACHE_BUCKET
         capacity = -(-(len(prompt_ids) + cfg.max_new_tokens) // bucket) * bucket
         extra["cache"] = StaticCache(config=model.model.config, max_cache_len=capacity)
+    return gen_cfg, extra
+
+
+@torch.inference_mode()
+def generate_hf(model: EarlyExitModel, prompt_ids: list[int], cfg: DecodingConfig, strategy: str,
+                *, k: int = 4, exit_layer: int | None = None,
+                draft: EarlyExitModel | None = None) -> Generation:
+    """`hf-ar`, `hf-ar-compiled`, `hf-assisted`, `hf-early-exit` or `hf-pld` through
+    model.generate()."""
+    gen_cfg, extra = _generate_arguments(model, prompt_ids, cfg, strategy, k, exit_layer, draft)
+    prompt = prompt_tensor(model, prompt_ids)
+    compiled = strategy == "hf-ar-compiled"
     models = [model] if draft is None else [model, draft]
     clock = _FirstTokenClock(model.device, models)
     torch.manual_seed(cfg.seed)
