@@ -10,18 +10,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import lsbench.scenario.runner
+from lsbench.backend.kv_cache import capacity_for
 from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.hf_reference import generate_hf, generate_hf_batch
 from lsbench.errors import LsbenchError
 from lsbench.results.store import ResultStore
-from lsbench.scenario.accounting import batch_costs, peak_gflops, roofline_s
+from lsbench.scenario.accounting import (
+    batch_costs,
+    batch_memory_bytes,
+    peak_gflops,
+    roofline_s,
+)
 from lsbench.scenario.jobs import RunSpec, compare_job, sweep_job
 from lsbench.scenario.runner import (
     Batch,
     JobOutcome,
+    check_batches_fit,
     job_batches,
+    prepare_job,
     run_job,
     shard_batches,
     unit_order,
@@ -168,6 +177,52 @@ def test_peak_gflops_measured_once_per_process() -> None:
 
 
 # --- resume ------------------------------------------------------------------------------------
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_runs(
+        tiny_model_dir: Path, data_file: Path) -> None:
+    job = batch_job(tiny_model_dir, data_file, "1,2")
+    prepared = prepare_job(job)
+    adapter = prepared.loaded.adapter
+    longest = max(len(p.ids) for p in prepared.prompts)
+    capacity = capacity_for(longest, prepared.cfg.max_new_tokens, 2)
+    # the cache term is exact: what a static cache of 2 rows at that capacity allocates
+    cache = adapter.new_cache(2, capacity)
+    with torch.inference_mode():
+        adapter.run_layers(adapter.embed(torch.tensor([[1, 2, 3]] * 2)), cache, 0,
+                           adapter.num_layers)
+    assert batch_memory_bytes(adapter, 2, capacity, 0) == cache.capacity_bytes() > 0
+    need = batch_memory_bytes(adapter, 2, capacity, longest)
+    assert need > batch_memory_bytes(adapter, 1, capacity, longest)
+    check_batches_fit(prepared, job.runs, free_bytes=need)  # just fits
+    with pytest.raises(LsbenchError, match=r"^batch size 2 does not fit on cpu: its KV cache "
+                       r"and activations need about [\d.]+ GB, [\d.]+ GB is free; choose a "
+                       r"smaller --batch-size \(the largest that fits here: 1\)$"):
+        check_batches_fit(prepared, job.runs, free_bytes=need - 1)
+    with pytest.raises(LsbenchError, match=r"^batch size 1 does not fit .*--batch-size$"):
+        check_batches_fit(prepared, job.runs, free_bytes=1)
+    check_batches_fit(prepared, job.runs)  # off CUDA: nothing to check
+
+
+def test_out_of_memory_mid_job_is_one_line_and_keeps_the_stored_batches(
+        tiny_model_dir: Path, data_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "r.parquet"
+    job = batch_job(tiny_model_dir, data_file, "1,2")  # batch 1's units are measured first
+    real = lsbench.scenario.runner._generate_batch
+
+    def out_of_memory_at_batch_2(prepared, run, prompts, cfg):
+        if run.batch_size == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prepared, run, prompts, cfg)
+
+    monkeypatch.setattr(lsbench.scenario.runner, "_generate_batch", out_of_memory_at_batch_2)
+    with pytest.raises(LsbenchError, match=r"^out of memory at batch size 2 \(CUDA out of "
+                       r"memory\. Tried to allocate 2\.00 GiB\); choose a smaller "
+                       r"--batch-size$"):
+        run_job(job, ResultStore(path))
+    stored = ResultStore(path).rows()
+    assert len(stored) == 3 * 3 and set(stored.batch_size) == {1}  # every batch-1 row kept
+
 
 def test_a_batch_is_stored_whole_or_not_at_all(tiny_model_dir: Path, data_file: Path,
                                                tmp_path: Path,

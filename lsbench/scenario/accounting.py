@@ -275,3 +275,18 @@ def peak_memory_delta(device: torch.device | str, before: int | None) -> int | N
         return None
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def batch_memory_bytes(model: EarlyExitModel, batch: int, capacity: int, tokens: int) -> int:
+    """Device bytes one batch's decoding allocates besides the weights, before it runs: its
+    static KV cache (every layer, `batch` rows x `capacity` slots; exact) and the largest
+    forward's activations (`batch` x `tokens` rows through the MLP's intermediate width and
+    float32 logits over the vocabulary, each held twice; an estimate on the safe side)."""
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = model.backbone.layers[0].self_attn.head_dim
+    element = torch.finfo(model.dtype).bits // 8
+    cache = 2 * model.num_layers * batch * kv_heads * capacity * head_dim * element
+    rows = batch * tokens
+    activations = 2 * rows * (config.intermediate_size * element + model.vocab_size * 4)
+    return cache + activations

@@ -13,6 +13,7 @@ The interface a launcher builds on: `prepare_job`, `warm_up`, `pending_units`, `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -31,6 +32,7 @@ import transformers
 
 from lsbench import __version__
 from lsbench.backend.early_exit import EarlyExitModel
+from lsbench.backend.kv_cache import capacity_for
 from lsbench.backend.loading import LoadedModel, load_model, locate_model
 from lsbench.engine.batch import BATCHED_STRATEGIES, BatchGeneration, generate_batch
 from lsbench.engine.generation import DecodingConfig, Generation
@@ -43,6 +45,7 @@ from lsbench.scenario.accounting import (
     FlopModel,
     WeightModel,
     batch_costs,
+    batch_memory_bytes,
     generation_cost,
     peak_gbps,
     peak_gflops,
@@ -300,6 +303,51 @@ def prepare_job(job: JobSpec, *, device_map: str | None = None) -> PreparedJob:
 CALIBRATED = ("layerskip", "spec", "pld")  # lsbench's speculative loops
 
 
+def check_batches_fit(prepared: PreparedJob, runs: Iterable[RunSpec],
+                      free_bytes: int | None = None) -> None:
+    """Refuse in one line, before anything runs, a batch size whose KV caches and activations
+    (`accounting.batch_memory_bytes`, the target's and a draft model's) exceed the device's
+    free memory. `free_bytes`: the free memory (default: CUDA's own count; off CUDA nothing
+    is checked, host memory being the operating system's to give)."""
+    adapter = prepared.loaded.adapter
+    if free_bytes is None:
+        if adapter.device.type != "cuda":
+            return
+        free_bytes = torch.cuda.mem_get_info(adapter.device)[0]
+    longest = max(len(p.ids) for p in prepared.prompts)
+    need: dict[int, int] = {}
+    for run in runs:
+        k = run.num_speculations if run.strategy in CALIBRATED else 0
+        capacity = capacity_for(longest, prepared.cfg.max_new_tokens, k)
+        models = [adapter]
+        if run.strategy == "spec" and run.draft_model in prepared.loaded.drafts:
+            models.append(prepared.loaded.drafts[run.draft_model][1])
+        size = run.batch_size
+        need[size] = max(need.get(size, 0), sum(
+            batch_memory_bytes(m, size, capacity, max(longest, k + 1)) for m in models))
+    too_big = sorted(b for b, n in need.items() if n > free_bytes)
+    if too_big:
+        fits = [b for b in need if b not in too_big]
+        gb = 1e9
+        raise LsbenchError(
+            f"batch size {too_big[0]} does not fit on {adapter.device}: its KV cache and "
+            f"activations need about {need[too_big[0]] / gb:.1f} GB, {free_bytes / gb:.1f} GB "
+            "is free; choose a smaller --batch-size"
+            + (f" (the largest that fits here: {max(fits)})" if fits else ""))
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(batch_size: int) -> Iterator[None]:
+    """A device out-of-memory error becomes one error line naming the batch size (the
+    estimate of `check_batches_fit` let it through); rows already stored stay."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise LsbenchError(f"out of memory at batch size {batch_size} ({first}); choose a "
+                           "smaller --batch-size") from None
+
+
 def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
             on_run: Callable[[RunSpec], None] | None = None) -> None:
     """`job.warmup` short, unmeasured generations of every run before any timing. Off the
@@ -312,6 +360,7 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
     of its first warm-up generation is its `compile_s` (compiling, capturing and one short
     generation; little for a run whose graphs an earlier run of the process compiled)."""
     cfg, runs = prepared.cfg, list(runs)
+    check_batches_fit(prepared, runs)
     adapter = prepared.loaded.adapter
     if adapter.device.type != "cpu":
         for k in sorted({r.num_speculations or 4 for r in runs if r.strategy in CALIBRATED}):
@@ -327,10 +376,11 @@ def warm_up(prepared: PreparedJob, runs: Iterable[RunSpec], *,
             if on_run is not None:
                 on_run(run)
             t0 = time.perf_counter()
-            if run.batch_size == 1:
-                _generate(prepared, run, prompts[0], warm_cfg)
-            else:
-                _generate_batch(prepared, run, prompts, warm_cfg)
+            with out_of_memory_is_one_line(run.batch_size):
+                if run.batch_size == 1:
+                    _generate(prepared, run, prompts[0], warm_cfg)
+                else:
+                    _generate_batch(prepared, run, prompts, warm_cfg)
             if compiles and i == 0:
                 prepared.compile_s[run] = time.perf_counter() - t0
 
@@ -564,7 +614,9 @@ def run_job(job: JobSpec, store: ResultStore, *, force: bool = False,
                 emit(ProgressEvent("measure", done, total, f"{run.label} · {what}"))
 
             emit(ProgressEvent("measure", done, total, what))
-            new = list(measure_unit(prepared, batch, rep, done_keys, baselines, on_run=measured))
+            with out_of_memory_is_one_line(batch.size):
+                new = list(measure_unit(prepared, batch, rep, done_keys, baselines,
+                                        on_run=measured))
             store.append(new)
             baselines.update(baseline_entries(new))  # batch-1 references of later batches
         store.compact()
