@@ -15,7 +15,7 @@ from lsbench.engine.generation import DecodingConfig
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError
 from tests.conftest import tiny_model
-from tests.test_engine import _chi_square_p, _exact_joint
+from tests.test_engine import assert_sampling_preserves_the_target_distribution
 
 PROMPT = [1, 5, 9, 17, 33, 4, 60, 12]
 CFG = DecodingConfig(max_new_tokens=12)
@@ -64,28 +64,9 @@ def test_compiled_greedy_stops_on_a_stop_token_inside_a_draft(model):
 
 def test_compiled_sampling_preserves_the_target_distribution():
     """The chi-square test of the eager engine (test_engine.py), through the compiled step."""
-    target = EarlyExitModel(tiny_model(seed=3, num_layers=3, vocab_size=6))
-    draft = EarlyExitModel(tiny_model(seed=11, num_layers=1, vocab_size=6))
-    prompt = [1, 4, 2, 5]
-    cfg = DecodingConfig(max_new_tokens=3, do_sample=True, temperature=0.8, top_k=5,
-                         top_p=0.95)
-    exact = _exact_joint(target, prompt, cfg, depth=3)
-    n = 1500
-    runs = {"ar": {}, "layerskip": {"exit_layer": 1, "k": 2}, "spec": {"draft": draft, "k": 2}}
-    for name, kwargs in runs.items():
-        counts: dict = {}
-        drafted = accepted = 0
-        for seed in range(n):
-            run_cfg = DecodingConfig(**{**cfg.__dict__, "seed": seed})
-            gen = generate(name, target, prompt, run_cfg, compiled=True, **kwargs)
-            assert gen.compiled
-            key = tuple(gen.tokens)
-            counts[key] = counts.get(key, 0) + 1
-            drafted, accepted = drafted + sum(gen.drafted), accepted + sum(gen.accepted)
-        if name != "ar":  # both acceptance and rejection exercised
-            assert 0 < accepted < drafted, name
-        assert len(counts) > 1, name
-        assert _chi_square_p(counts, exact, n) > 1e-3, name
+    assert_sampling_preserves_the_target_distribution(
+        DecodingConfig(max_new_tokens=3, do_sample=True, temperature=0.8, top_k=5, top_p=0.95),
+        compiled=True)
 
 
 def test_a_sweep_over_exit_layers_compiles_once_per_token_count(model):

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 
 from lsbench.backend.early_exit import EarlyExitModel, check_exit_layers
-from lsbench.backend.loading import load_model
+from lsbench.backend.loading import LoadedModel, load_model
 from lsbench.engine.generation import DecodingConfig, Generation
 from lsbench.engine.strategies import generate
 from lsbench.errors import LsbenchError, one_line, run_main
@@ -94,13 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    model = EarlyExitModel(loaded.model)
-    examples, _ = load_examples(DatasetSpec(args.dataset, limit=args.prompts))
-    prompts = [build_prompt(loaded.tokenizer, ex.article, args.max_input_tokens).ids
-               for ex in examples]
-    cfg = DecodingConfig(max_new_tokens=args.max_new_tokens,
-                         stop_token_ids=stop_token_ids(loaded))
+    _, model, prompts, cfg = load_bench(args.model, args.dtype, args.device, args.dataset,
+                                        args.prompts, args.max_input_tokens,
+                                        args.max_new_tokens)
     layers = parse_int_list(args.exit_layers, num_layers=model.num_layers)
     check_exit_layers(layers, model.num_layers, args.model)
     compiled_exit = args.compiled_exit_layer or (
@@ -187,6 +183,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 Config = tuple[str, int | None, bool]  # (strategy, exit layer, compiled)
+
+
+def load_bench(model_ref: str, dtype: str, device: str, dataset: str, n_prompts: int,
+               max_input_tokens: int, max_new_tokens: int
+               ) -> tuple[LoadedModel, EarlyExitModel, list[list[int]], DecodingConfig]:
+    """The model, its adapter, the prompts of the first `n_prompts` examples and the greedy
+    decoding settings (the model's own stop tokens) every side of a benchmark shares."""
+    loaded = load_model(model_ref, dtype=dtype, device=device)
+    examples, _ = load_examples(DatasetSpec(dataset, limit=n_prompts))
+    prompts = [build_prompt(loaded.tokenizer, ex.article, max_input_tokens).ids
+               for ex in examples]
+    cfg = DecodingConfig(max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(loaded))
+    return loaded, EarlyExitModel(loaded.model), prompts, cfg
 
 
 def side_by_side(model: EarlyExitModel, prompts: list[list[int]], cfg: DecodingConfig,
