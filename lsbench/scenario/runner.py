@@ -317,7 +317,7 @@ def check_batches_fit(prepared: PreparedJob, runs: Iterable[RunSpec],
     longest = max(len(p.ids) for p in prepared.prompts)
     need: dict[int, int] = {}
     for run in runs:
-        k = run.num_speculations if run.strategy in CALIBRATED else 0
+        k = (run.num_speculations or 4) if run.strategy in CALIBRATED else 0  # as decoded
         capacity = capacity_for(longest, prepared.cfg.max_new_tokens, k)
         models = [adapter]
         if run.strategy == "spec" and run.draft_model in prepared.loaded.drafts:
